@@ -1,0 +1,111 @@
+"""HAGANConfig: every knob of the model and its training, loadable from YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import yaml
+
+
+@dataclasses.dataclass
+class HAGANConfig:
+    """Model and training settings; the defaults are the paper's 256^3 setup."""
+
+    size: int = 256
+    latent_dim: int = 1024
+    num_classes: int = 0
+    width: float = 1.0
+    # training
+    batch_size: int = 4
+    lr_g: float = 1e-4
+    lr_d: float = 4e-4
+    lr_eh: float = 1e-4
+    lr_eg: float = 1e-4
+    beta_1: float = 0.0
+    beta_2: float = 0.999
+    lambda_class: float = 0.1
+    downsample: str = "nearest"  # how real X^L is made: "nearest" (paper) or "area"
+    max_steps: int = 80000
+    seed: int = 0
+    mixed_precision: str = "float32"  # or "mixed_bfloat16", "mixed_float16"
+    jit_compile: bool = False
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    image_every: int = 1000
+    # data
+    fold: int | None = None  # hold this fold out of training (cross-validation)
+    shuffle_buffer: int = 64
+    spacing: float = 1.0  # voxel size in mm of the training volumes (NIfTI affine of samples)
+
+    def __post_init__(self):
+        if self.size < 32 or self.size > 512 or 2 ** int(round(math.log2(self.size))) != self.size:
+            raise ValueError(f"size must be a power of two from 32 to 512, got {self.size}")
+        if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0:
+            raise ValueError("latent_dim must be >= 1, num_classes >= 0 and width > 0")
+        if self.downsample not in ("nearest", "area"):
+            raise ValueError(f"downsample must be 'nearest' or 'area', got {self.downsample!r}")
+        if self.mixed_precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
+            raise ValueError(f"unknown mixed_precision policy {self.mixed_precision!r}")
+
+    # -- derived sizes (architecture doc, "Sizes as functions of S") --
+    @property
+    def a_size(self) -> int:
+        """Edge of the common feature map A and of X^L."""
+        return self.size // 4
+
+    @property
+    def slab_depth(self) -> int:
+        """Depth of a high-resolution sub-volume (S/8)."""
+        return self.size // 8
+
+    @property
+    def num_slabs(self) -> int:
+        return 8
+
+    @property
+    def max_crop(self) -> int:
+        """Largest start slice r of a sub-volume (7S/8)."""
+        return self.size - self.slab_depth
+
+    def channels(self, c: int) -> int:
+        """Width-scaled channel count, kept a multiple of 8 for GroupNorm(8)."""
+        if self.width == 1.0:
+            return c
+        return max(8, 8 * int(round(c * self.width / 8)))
+
+    # -- (de)serialisation --
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HAGANConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "HAGANConfig":
+        with open(path) as f:
+            return cls.from_dict(yaml.safe_load(f) or {})
+
+    def to_yaml(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    def replace(self, **overrides) -> "HAGANConfig":
+        return HAGANConfig.from_dict({**self.to_dict(), **overrides})
+
+    def with_overrides(self, assignments: list[str]) -> "HAGANConfig":
+        """Apply `key=value` strings (values parsed as YAML scalars), as `--set` gives them."""
+        out = {}
+        for item in assignments:
+            if "=" not in item:
+                raise ValueError(f"--set expects key=value, got {item!r}")
+            k, v = item.split("=", 1)
+            out[k.strip()] = yaml.safe_load(v)
+        return self.replace(**out)

@@ -1,0 +1,1 @@
+"""Training data: the TFRecord schema, the tf.data input pipeline and a synthetic dataset."""

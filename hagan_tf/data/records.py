@@ -1,0 +1,125 @@
+"""The one TFRecord schema shared by the Beam pipeline (writer) and training (reader).
+
+A dataset directory holds `*.tfrecord` shards, `manifest.jsonl` (one JSON object per volume)
+and `summary.json`. Each record is a `tf.train.Example` with:
+  volume     bytes   raw little-endian voxels, C order over `shape`
+  dtype      bytes   "float16" or "float32"
+  shape      int64[3] [D, H, W], D the axial (slab) axis
+  subject_id bytes
+  label      int64   class label, -1 when unlabelled
+  fold       int64   cross-validation fold, -1 when unassigned
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+SHARD_PATTERN = "*.tfrecord"
+MANIFEST = "manifest.jsonl"
+SUMMARY = "summary.json"
+DTYPES = ("float16", "float32")
+
+FEATURES = {
+    "volume": tf.io.FixedLenFeature([], tf.string),
+    "dtype": tf.io.FixedLenFeature([], tf.string),
+    "shape": tf.io.FixedLenFeature([3], tf.int64),
+    "subject_id": tf.io.FixedLenFeature([], tf.string),
+    "label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    "fold": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+}
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"data-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: int = -1,
+                   dtype: str = "float16") -> bytes:
+    """Serialise one [D, H, W] volume (values in [-1, 1]) as a tf.train.Example."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    volume = np.asarray(volume)
+    if volume.ndim == 4 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim != 3:
+        raise ValueError(f"expected a [D, H, W] volume, got shape {volume.shape}")
+    data = np.ascontiguousarray(volume, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+    def b(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
+
+    return tf.train.Example(features=tf.train.Features(feature={
+        "volume": b(data), "dtype": b(dtype.encode()), "shape": i(volume.shape),
+        "subject_id": b(str(subject_id).encode()), "label": i([int(label)]), "fold": i([int(fold)]),
+    })).SerializeToString()
+
+
+def parse_example(serialized) -> dict:
+    """tf.function-friendly parse: {'volume': float32 [D, H, W, 1], 'subject_id', 'label', 'fold'}."""
+    f = tf.io.parse_single_example(serialized, FEATURES)
+    volume = tf.cond(
+        tf.equal(f["dtype"], "float16"),
+        lambda: tf.cast(tf.io.decode_raw(f["volume"], tf.float16, little_endian=True), tf.float32),
+        lambda: tf.io.decode_raw(f["volume"], tf.float32, little_endian=True))
+    volume = tf.reshape(volume, tf.concat([f["shape"], [1]], 0))
+    return {"volume": volume, "subject_id": f["subject_id"], "label": f["label"], "fold": f["fold"]}
+
+
+def decode_example(serialized: bytes) -> dict:
+    """NumPy-side parse of one record (tests, tools)."""
+    return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in parse_example(serialized).items()}
+
+
+def shard_paths(data_dir: str) -> list[str]:
+    paths = sorted(glob.glob(os.path.join(data_dir, SHARD_PATTERN)))
+    if not paths:
+        raise FileNotFoundError(f"no {SHARD_PATTERN} shards in {data_dir!r}")
+    return paths
+
+
+def read_manifest(data_dir: str) -> list[dict]:
+    path = os.path.join(data_dir, MANIFEST)
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class ShardWriter:
+    """Writes examples round-robin into N shards plus the manifest (the non-Beam writer)."""
+
+    def __init__(self, out_dir: str, shards: int = 1):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.count, self.n = out_dir, shards, 0
+        self.names = [shard_name(i, shards) for i in range(shards)]
+        self.writers = [tf.io.TFRecordWriter(os.path.join(out_dir, n)) for n in self.names]
+        self.manifest = open(os.path.join(out_dir, MANIFEST), "w")
+
+    def write(self, volume, subject_id, label=-1, fold=-1, dtype="float16", **meta):
+        shard = self.n % self.count
+        self.writers[shard].write(encode_example(volume, subject_id, label, fold, dtype))
+        row = {"subject_id": str(subject_id), "label": int(label), "fold": int(fold),
+               "shape": list(np.shape(volume)[:3]), "shard": self.names[shard], **meta}
+        self.manifest.write(json.dumps(row) + "\n")
+        self.n += 1
+
+    def close(self, **summary):
+        for w in self.writers:
+            w.close()
+        self.manifest.close()
+        with open(os.path.join(self.out_dir, SUMMARY), "w") as f:
+            json.dump({"written": self.n, "shards": self.count, **summary}, f, indent=2)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,241 @@
+"""The HA-GAN networks, one generic implementation for every output size S.
+
+Paper symbol -> attribute (written once here and in the README):
+  G^A -> Generator.common        G^L -> Generator.low_res_head   G^H -> Generator.high_res_head
+  D^H -> Discriminator.high_res  D^L -> Discriminator.low_res
+  E^H -> Encoder.high_res        E^G -> Encoder.ground           r   -> `crop` (start slice)
+
+Channels-last throughout: volumes are [B, D, H, W, 1] and sub-volumes (slabs) are cut along D.
+The per-size layer lists follow from S alone (see `_stride2_channels`), which reproduces the
+reference's 128^3 and 256^3 networks exactly and extends them to 32..512.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+from keras import layers, ops
+
+from .config import HAGANConfig
+from .layers import SERIAL_PACKAGE, ConvBlock, SNConvLeaky, SNDense
+
+# G^A's convolutions after the 4^3 reshape; the last `log2(S/16)` of them follow an upsample.
+COMMON_CHANNELS = (512, 512, 256, 128, 64)
+
+
+def _stride2_channels(n: int, last: int) -> list[int]:
+    """Channels of a chain of n stride-2 convs ending at `last`, halving towards the input.
+
+    D^H's 4^3 stride-2 stem, D^L and E^G are all such chains in the reference; the larger model
+    simply has one more layer in front (at S=256: 16,32,64 vs 32,64 at S=128).
+    """
+    return [last // 2 ** (n - 1 - i) for i in range(n)]
+
+
+def _log2(x: int) -> int:
+    return int(round(math.log2(x)))
+
+
+class _Network(keras.Model):
+    """Base: built from its HAGANConfig at construction, serialisable through that config."""
+
+    def __init__(self, config: HAGANConfig | dict, **kwargs):
+        super().__init__(**kwargs)
+        self.config_ = config if isinstance(config, HAGANConfig) else HAGANConfig.from_dict(config)
+
+    def get_config(self):
+        return {"config": self.config_.to_dict(), "name": self.name}
+
+    def build(self, input_shape=None):  # sub-layers are built in __init__; nothing left to do
+        self.built = True
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class Generator(_Network):
+    """G = (G^A, G^L, G^H). z [B, latent] (+ labels [B]) -> volumes in [-1, 1]."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, name=kwargs.pop("name", "generator"), **kwargs)
+        cfg = self.config_
+        ch = cfg.channels
+        n_up = _log2(cfg.size // 16)
+        c0 = ch(COMMON_CHANNELS[0])
+        blocks = [
+            ConvBlock(ch(c), upsample=i >= len(COMMON_CHANNELS) - n_up, name=f"block{i + 1}")
+            for i, c in enumerate(COMMON_CHANNELS)
+        ]
+        if n_up > len(COMMON_CHANNELS):
+            raise ValueError(f"size {cfg.size} needs more upsampling stages than G^A has")
+        self.common = keras.Sequential(
+            [keras.Input((cfg.latent_dim + cfg.num_classes,)),
+             layers.Dense(4 * 4 * 4 * c0, name="fc"), layers.Reshape((4, 4, 4, c0))] + blocks,
+            name="common")
+        a_ch = ch(COMMON_CHANNELS[-1])
+        self.feature_channels = a_ch
+        self.low_res_head = keras.Sequential(
+            [keras.Input((None, None, None, a_ch)), ConvBlock(ch(32), name="block1"),
+             ConvBlock(ch(16), name="block2"), ConvBlock(1, post="tanh", name="block3")],
+            name="low_res_head")
+        self.high_res_head = keras.Sequential(
+            [keras.Input((None, None, None, a_ch)), ConvBlock(ch(32), upsample=True, name="block1"),
+             ConvBlock(1, upsample=True, post="tanh", name="block2")],
+            name="high_res_head")
+        self.built = True
+
+    def latent_input(self, z, labels=None):
+        """z, with the one-hot class appended for the conditional model."""
+        z = ops.convert_to_tensor(z)
+        if self.config_.num_classes == 0:
+            return z
+        if labels is None:
+            raise ValueError("this generator is class-conditional: pass labels")
+        onehot = ops.one_hot(ops.cast(labels, "int32"), self.config_.num_classes, dtype=z.dtype)
+        return ops.concatenate([z, onehot], axis=-1)
+
+    def features(self, z, labels=None, training=False):
+        """A = G^A(z): [B, S/4, S/4, S/4, 64]."""
+        return self.common(self.latent_input(z, labels), training=training)
+
+    def feature_slab(self, a, crop):
+        """The slab of A that G^H turns into the sub-volume starting at slice `crop`."""
+        depth = self.config_.size // 32
+        start = ops.cast(crop, "int32") // 4
+        return a[:, start:start + depth]
+
+    def decode(self, a, training=False):
+        """G^H on given features: a whole A gives [S, S, S], a slab of A gives its slab."""
+        return self.high_res_head(a, training=training)
+
+    def call(self, z, labels=None, crop=None, training=False):
+        """Full volume [B, S, S, S, 1] when `crop` is None; else (slab at `crop`, X^L)."""
+        a = self.features(z, labels, training=training)
+        if crop is None:
+            return self.decode(a, training=training)
+        slab = self.decode(self.feature_slab(a, crop), training=training)
+        return slab, self.low_res_head(a, training=training)
+
+    def preview(self, z, labels=None):
+        """X^L = G^L(G^A(z)), the fast low-resolution volume."""
+        return self.low_res_head(self.features(z, labels))
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class HighResDiscriminator(_Network):
+    """D^H: a high-res slab and its normalised position r/(7S/8) -> logit (+ class logits)."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, name=kwargs.pop("name", "high_res"), **kwargs)
+        cfg = self.config_
+        ch = cfg.channels
+        convs = [SNConvLeaky(ch(c), 4, 2, name=f"conv_s{i}")
+                 for i, c in enumerate(_stride2_channels(_log2(cfg.size // 32), 64))]
+        convs += [
+            SNConvLeaky(ch(128), (2, 4, 4), 2, name="conv_a"),
+            SNConvLeaky(ch(256), (2, 4, 4), 2, name="conv_b"),
+            SNConvLeaky(ch(512), (1, 4, 4), (1, 2, 2), name="conv_c"),
+            SNConvLeaky(ch(128), (1, 4, 4), 1, padding="valid", name="conv_d"),
+        ]
+        self.convs = keras.Sequential(
+            [keras.Input((cfg.slab_depth, cfg.size, cfg.size, 1))] + convs + [layers.Flatten()],
+            name="convs")
+        self.fc1 = SNDense(ch(64), name="fc1")
+        self.fc1.build((None, ch(128) + 1))
+        self.fc2 = SNDense(1, name="fc2")
+        self.fc2.build((None, ch(64)))
+        self.fc_class = None
+        if cfg.num_classes:
+            self.fc_class = SNDense(cfg.num_classes, name="fc_class")
+            self.fc_class.build((None, ch(64)))
+        self.built = True
+
+    def call(self, slab, position, training=False):
+        h = self.convs(slab, training=training)
+        pos = ops.reshape(ops.cast(position, h.dtype), (-1, 1)) * ops.ones_like(h[:, :1])
+        h = ops.leaky_relu(self.fc1(ops.concatenate([h, pos], -1), training=training), 0.2)
+        logit = self.fc2(h, training=training)
+        if self.fc_class is None:
+            return logit
+        return logit, self.fc_class(h, training=training)
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class LowResDiscriminator(_Network):
+    """D^L: the whole low-res volume X^L -> logit (+ class logits)."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, name=kwargs.pop("name", "low_res"), **kwargs)
+        cfg = self.config_
+        ch = cfg.channels
+        convs = [SNConvLeaky(ch(c), 4, 2, name=f"conv{i}")
+                 for i, c in enumerate(_stride2_channels(_log2(cfg.size // 16), 256))]
+        convs.append(SNConvLeaky(1 + cfg.num_classes, 4, 1, padding="valid", activate=False,
+                                 name="conv_out"))
+        self.convs = keras.Sequential(
+            [keras.Input((cfg.a_size, cfg.a_size, cfg.a_size, 1))] + convs + [layers.Flatten()],
+            name="convs")
+        self.built = True
+
+    def call(self, x, training=False):
+        h = self.convs(x, training=training)
+        if self.config_.num_classes == 0:
+            return h
+        return h[:, :1], h[:, 1:]
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class Discriminator(_Network):
+    """D = mean of D^H(slab, r) and D^L(X^L) logits (and of their class heads)."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, name=kwargs.pop("name", "discriminator"), **kwargs)
+        self.high_res = HighResDiscriminator(self.config_)
+        self.low_res = LowResDiscriminator(self.config_)
+        self.built = True
+
+    def call(self, slab, low_res, crop, training=False):
+        position = ops.cast(crop, "float32") / float(self.config_.max_crop)
+        h = self.high_res(slab, position, training=training)
+        l = self.low_res(low_res, training=training)
+        if self.config_.num_classes == 0:
+            return (h + l) / 2.0
+        return (h[0] + l[0]) / 2.0, (h[1] + l[1]) / 2.0
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class Encoder(_Network):
+    """E = (E^H, E^G): volume [B, S, S, S, 1] -> z-hat [B, latent]."""
+
+    def __init__(self, config, **kwargs):
+        super().__init__(config, name=kwargs.pop("name", "encoder"), **kwargs)
+        cfg = self.config_
+        ch = cfg.channels
+        a_ch = ch(COMMON_CHANNELS[-1])
+        self.high_res = keras.Sequential(
+            [keras.Input((None, cfg.size, cfg.size, 1)),
+             ConvBlock(ch(32), 4, 2, name="block1"), ConvBlock(ch(32), 3, 1, name="block2"),
+             ConvBlock(a_ch, 4, 2, name="block3")],
+            name="high_res")
+        blocks = [ConvBlock(ch(c), 4, 2, name=f"block{i + 1}")
+                  for i, c in enumerate(_stride2_channels(_log2(cfg.size // 16), 256))]
+        self.ground = keras.Sequential(
+            [keras.Input((cfg.a_size, cfg.a_size, cfg.a_size, a_ch))] + blocks
+            + [ConvBlock(cfg.latent_dim, 4, 1, padding="valid", post="none", name="out"),
+               layers.Reshape((cfg.latent_dim,))],
+            name="ground")
+        self.built = True
+
+    def slabs(self, volume):
+        """[B, S, S, S, 1] -> its 8 slabs as a batch [B*8, S/8, S, S, 1], in D order."""
+        s, d = self.config_.size, self.config_.slab_depth
+        return ops.reshape(volume, (-1, d, s, s, 1))
+
+    def features(self, volume, training=False):
+        """E^H on every slab, concatenated back along D: an A-like [B, S/4, S/4, S/4, 64]."""
+        a = self.config_.a_size
+        f = self.high_res(self.slabs(volume), training=training)
+        return ops.reshape(f, (-1, a, a, a, f.shape[-1]))
+
+    def call(self, volume, training=False):
+        return self.ground(self.features(volume, training=training), training=training)

@@ -1,0 +1,74 @@
+"""The run directory: what `hagan-train` writes and every later command reads.
+
+  RUN_DIR/config.yaml          the resolved HAGANConfig
+  RUN_DIR/checkpoints/ckpt-N*  tf.train.Checkpoint: model (+ optimizers, step, RNG in training)
+  RUN_DIR/tensorboard/         TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+from .config import HAGANConfig
+
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
+
+
+def config_path(run_dir: str) -> str:
+    return os.path.join(run_dir, CONFIG)
+
+
+def read_config(run_dir: str) -> HAGANConfig:
+    path = config_path(run_dir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir!r} is not a run directory: {CONFIG} is missing")
+    return HAGANConfig.from_yaml(path)
+
+
+def write_config(run_dir: str, config: HAGANConfig) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    tmp = config_path(run_dir) + ".tmp"
+    config.to_yaml(tmp)
+    os.replace(tmp, config_path(run_dir))
+
+
+def checkpoint_manager(run_dir: str, checkpoint: tf.train.Checkpoint, keep: int = 3):
+    return tf.train.CheckpointManager(checkpoint, os.path.join(run_dir, CHECKPOINTS),
+                                      max_to_keep=keep, checkpoint_name="ckpt")
+
+
+def checkpoint_path(run_dir: str, step: int | None = None) -> str:
+    """Path of the checkpoint at `step` (default: the latest)."""
+    ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
+    if step is None:
+        path = tf.train.latest_checkpoint(ckpt_dir)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir!r}")
+        return path
+    state = tf.train.get_checkpoint_state(ckpt_dir)
+    for path in (state.all_model_checkpoint_paths if state else []):
+        if path.endswith(f"ckpt-{step}"):
+            return path
+    raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir!r}")
+
+
+def save_model(run_dir: str, model, step: int = 0) -> str:
+    """Write a model-only checkpoint that training can resume from (used by imports)."""
+    ckpt = tf.train.Checkpoint(model=model, step=tf.Variable(step, dtype=tf.int64))
+    return checkpoint_manager(run_dir, ckpt, keep=3).save(checkpoint_number=step)
+
+
+def load_hagan(run_dir: str, step: int | None = None):
+    """(HAGAN with the weights of `step` or the latest checkpoint, its step)."""
+    from .gan import HAGAN
+
+    config = read_config(run_dir)
+    model = HAGAN(config)
+    step_var = tf.Variable(0, dtype=tf.int64)
+    path = checkpoint_path(run_dir, step)
+    tf.train.Checkpoint(model=model, step=step_var).restore(path).expect_partial()
+    return model, int(step_var.numpy())
