@@ -4,15 +4,185 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-from keras import ops
+import tensorflow as tf
 
 from .config import HAGANConfig
 from .layers import SERIAL_PACKAGE
 from .models import Discriminator, Encoder, Generator
 
 
+# ----------------------------------------------------------------------------------------
+# Training: one iteration = the four updates of the paper, in order (architecture doc).
+# ----------------------------------------------------------------------------------------
+
+def _replica():
+    ctx = tf.distribute.get_replica_context()
+    return (ctx.replica_id_in_sync_group, ctx.num_replicas_in_sync) if ctx else (0, 1)
+
+
+def _bce_sum(logits, target: float):
+    logits = tf.cast(logits, tf.float32)
+    return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
+        labels=tf.fill(tf.shape(logits), target), logits=logits))
+
+
+def _ce_sum(logits, labels):
+    return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)))
+
+
+def _l1_sum_per_example(a, b):
+    """Sum over examples of the per-example mean |a - b| (F.l1_loss once divided by the batch)."""
+    diff = tf.abs(tf.cast(a, tf.float32) - tf.cast(b, tf.float32))
+    return tf.reduce_sum(tf.reduce_mean(tf.reshape(diff, (tf.shape(diff)[0], -1)), axis=1))
+
+
+class _Training:
+    """Mixin holding HAGAN's compile() and train_step()."""
+
+    def compile(self, g_optimizer=None, d_optimizer=None, eh_optimizer=None, eg_optimizer=None,
+                jit_compile=None, **kwargs):
+        """Takes the four optimizers (G, D, E^H, E^G); defaults are the paper's Adam settings.
+
+        Call inside the distribution strategy's scope: the optimizers' variables are created
+        here, eagerly, next to the model's (lazily created ones end up outside the scope).
+        """
+        cfg = self.config_
+
+        def adam(lr):
+            return keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+
+        opts = [g_optimizer or adam(cfg.lr_g), d_optimizer or adam(cfg.lr_d),
+                eh_optimizer or adam(cfg.lr_eh), eg_optimizer or adam(cfg.lr_eg)]
+        if cfg.mixed_precision == "mixed_float16":
+            opts = [o if isinstance(o, keras.optimizers.LossScaleOptimizer)
+                    else keras.optimizers.LossScaleOptimizer(o) for o in opts]
+        self.g_optimizer, self.d_optimizer, self.eh_optimizer, self.eg_optimizer = opts
+        if jit_compile is None:
+            jit_compile = cfg.jit_compile
+        super().compile(jit_compile=jit_compile, **kwargs)
+        for opt, variables in zip(opts, self._update_variables()):
+            opt.build(variables)
+
+    def _update_variables(self):
+        """Trainable variables of each update: G, D, E^H, E^G."""
+        return (self.generator.trainable_variables, self.discriminator.trainable_variables,
+                self.encoder.high_res.trainable_variables, self.encoder.ground.trainable_variables)
+
+    @property
+    def step(self):
+        """Iterations done: the D optimizer steps exactly once per iteration."""
+        return self.d_optimizer.iterations
+
+    def draw_crop(self, step):
+        """r for this iteration: a multiple of 4 in 0..7S/8, so real and fake slabs align.
+
+        Stateless in (seed, step): identical on every replica and after a resume.
+        """
+        hi = self.config_.max_crop // 4 + 1
+        seed = tf.stack([tf.cast(self.config_.seed, tf.int64), tf.cast(step, tf.int64)])
+        return 4 * tf.random.stateless_uniform([], seed, 0, hi, dtype=tf.int32)
+
+    def draw_z(self, step, n, stream: int):
+        """Latent draw, distinct per replica and per update, reproducible from (seed, step)."""
+        rid, _ = _replica()
+        a = tf.cast(self.config_.seed * 1009 + stream * 101, tf.int64) + tf.cast(rid, tf.int64) + 1
+        seed = tf.stack([a, tf.cast(step, tf.int64)])
+        return tf.random.stateless_normal((n, self.config_.latent_dim), seed)
+
+    def real_low_res(self, volume):
+        """Real X^L: the volume downsampled by 4 (nearest, the paper's default, or area mean)."""
+        if self.config_.downsample == "area":
+            return tf.nn.avg_pool3d(volume, 4, 4, "VALID")
+        return volume[:, ::4, ::4, ::4]
+
+    def real_slab(self, volume, crop):
+        return volume[:, crop:crop + self.config_.slab_depth]
+
+    def _apply(self, opt, tape, loss, variables):
+        scaled = opt.scale_loss(loss) if hasattr(opt, "scale_loss") else loss
+        grads = tape.gradient(scaled, variables)
+        opt.apply_gradients(zip(grads, variables))
+
+    # -- the four updates; each takes the batch pieces and returns its logged values --
+    def d_update(self, real_slab, real_low, labels, crop, step, global_b):
+        cfg = self.config_
+        z = self.draw_z(step, tf.shape(real_slab)[0], stream=0)
+        fake_slab, fake_low = self.generator(z, labels=labels, crop=crop)
+        with tf.GradientTape() as tape:
+            d_real = self.discriminator(real_slab, real_low, crop, training=True)
+            d_fake = self.discriminator(fake_slab, fake_low, crop, training=True)
+            out = {}
+            if cfg.num_classes:
+                (d_real, c_real), (d_fake, _) = d_real, d_fake
+                out["d_class"] = _ce_sum(c_real, labels) / global_b
+                out["d_accuracy"] = tf.reduce_mean(tf.cast(
+                    tf.equal(tf.argmax(c_real, -1, output_type=tf.int32), tf.cast(labels, tf.int32)),
+                    tf.float32))
+            out["d_real"] = _bce_sum(d_real, 1.0) / global_b
+            out["d_fake"] = _bce_sum(d_fake, 0.0) / global_b
+            loss = out["d_real"] + out["d_fake"] + out.get("d_class", 0.0)
+        self._apply(self.d_optimizer, tape, loss, self.discriminator.trainable_variables)
+        out["d_loss"] = loss
+        return out
+
+    def g_update(self, labels, crop, step, local_b, global_b):
+        cfg = self.config_
+        z = self.draw_z(step, local_b, stream=1)
+        with tf.GradientTape() as tape:
+            fake_slab, fake_low = self.generator(z, labels=labels, crop=crop, training=True)
+            d_fake = self.discriminator(fake_slab, fake_low, crop, training=True)
+            out = {}
+            if cfg.num_classes:
+                d_fake, c_fake = d_fake
+                out["g_class"] = _ce_sum(c_fake, labels) / global_b
+            loss = _bce_sum(d_fake, 1.0) / global_b + cfg.lambda_class * out.get("g_class", 0.0)
+        self._apply(self.g_optimizer, tape, loss, self.generator.trainable_variables)
+        out["g_loss"] = loss
+        return out
+
+    def eh_update(self, real_slab, global_b):
+        variables = self.encoder.high_res.trainable_variables
+        with tf.GradientTape() as tape:
+            recon = self.generator.decode(self.encoder.high_res(real_slab, training=True))
+            loss = _l1_sum_per_example(recon, real_slab) / global_b
+        self._apply(self.eh_optimizer, tape, loss, variables)
+        return {"eh_loss": loss}
+
+    def eg_update(self, volume, real_slab, real_low, labels, crop, global_b):
+        variables = self.encoder.ground.trainable_variables
+        features = tf.stop_gradient(self.encoder.features(volume))  # E^H frozen
+        with tf.GradientTape() as tape:
+            z_hat = self.encoder.ground(features, training=True)
+            slab, low = self.generator(z_hat, labels=labels, crop=crop)
+            loss = (_l1_sum_per_example(slab, real_slab)
+                    + _l1_sum_per_example(low, real_low)) / (2.0 * global_b)
+        self._apply(self.eg_optimizer, tape, loss, variables)
+        return {"eg_loss": loss}
+
+    def train_step(self, data):
+        volume = data["volume"] if isinstance(data, dict) else data
+        labels = data.get("label") if isinstance(data, dict) and self.config_.num_classes else None
+        volume = tf.cast(volume, self.compute_dtype)
+        step = self.step
+        _, replicas = _replica()
+        local_b = tf.shape(volume)[0]
+        global_b = tf.cast(local_b * replicas, tf.float32)
+        crop = self.draw_crop(step)
+        real_slab = self.real_slab(volume, crop)
+        real_low = self.real_low_res(volume)
+        logs = self.d_update(real_slab, real_low, labels, crop, step, global_b)
+        logs.update(self.g_update(labels, crop, step, local_b, global_b))
+        logs.update(self.eh_update(real_slab, global_b))
+        logs.update(self.eg_update(volume, real_slab, real_low, labels, crop, global_b))
+        # Losses are this replica's share of the global-batch mean (so gradients add up across
+        # replicas); report the replica's own mean instead, which fit() averages over replicas.
+        scale = tf.cast(replicas, tf.float32)
+        return {k: v if k.endswith("accuracy") else v * scale for k, v in logs.items()}
+
+
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
-class HAGAN(keras.Model):
+class HAGAN(_Training, keras.Model):
     """HA-GAN. `generate(z)` -> [B, S, S, S, 1] in [-1, 1]; `encode(volume)` -> [B, latent]."""
 
     def __init__(self, config: HAGANConfig | dict | None = None, **kwargs):

@@ -4,38 +4,75 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .records import parse_example, shard_paths
+from .records import parse_example, read_manifest, shard_paths
+
+
+def _fold_filter(folds, exclude_folds):
+    keep = tf.constant(list(folds), tf.int64) if folds is not None else None
+    drop = tf.constant(list(exclude_folds), tf.int64) if exclude_folds else None
+
+    def ok(r):
+        good = tf.constant(True)
+        if keep is not None:
+            good = tf.logical_and(good, tf.reduce_any(tf.equal(r["fold"], keep)))
+        if drop is not None:
+            good = tf.logical_and(good, tf.logical_not(tf.reduce_any(tf.equal(r["fold"], drop))))
+        return good
+    return ok
+
+
+def count_examples(data_dir: str, folds=None, exclude_folds=None) -> int:
+    """Records that pass the fold selection (from the manifest when there is one)."""
+    rows = read_manifest(data_dir)
+    if rows:
+        return sum(1 for r in rows
+                   if (folds is None or r.get("fold", -1) in folds)
+                   and not (exclude_folds and r.get("fold", -1) in exclude_folds))
+    ds = tf.data.TFRecordDataset(shard_paths(data_dir)).map(parse_example)
+    return int(ds.filter(_fold_filter(folds, exclude_folds)).reduce(0, lambda n, _: n + 1))
 
 
 def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
                  folds: list[int] | None = None, exclude_folds: list[int] | None = None,
                  shuffle: int = 64, repeat: bool = True, seed: int = 0,
-                 drop_remainder: bool = True) -> tf.data.Dataset:
+                 drop_remainder: bool = True, start_step: int = 0) -> tf.data.Dataset:
     """Batches of {'volume' [B, S, S, S, 1], 'label', 'subject_id', 'fold'}.
 
     `folds` keeps only those folds (evaluation), `exclude_folds` drops them (training with
-    cross-validation). `size` checks that the records were written at the model's resolution.
+    cross-validation). `size` checks that the records are at the model's resolution.
+    The order is a pure function of `seed` (one seeded shuffle per epoch), and `start_step`
+    resumes it exactly where step `start_step` of a run left off, reading at most one epoch
+    to get there: a resumed run sees the same batches as an uninterrupted one.
     """
-    files = tf.data.Dataset.from_tensor_slices(shard_paths(data_dir))
-    if shuffle:
-        files = files.shuffle(len(shard_paths(data_dir)), seed=seed, reshuffle_each_iteration=True)
-    ds = files.interleave(tf.data.TFRecordDataset, cycle_length=tf.data.AUTOTUNE,
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=shuffle == 0)
-    ds = ds.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE)
-    if folds is not None:
-        keep = tf.constant(list(folds), tf.int64)
-        ds = ds.filter(lambda r: tf.reduce_any(tf.equal(r["fold"], keep)))
-    if exclude_folds:
-        drop = tf.constant(list(exclude_folds), tf.int64)
-        ds = ds.filter(lambda r: tf.logical_not(tf.reduce_any(tf.equal(r["fold"], drop))))
-    if size is not None:
-        def check(r):
-            tf.debugging.assert_equal(tf.shape(r["volume"])[:3], [size, size, size],
-                                      message=f"records are not {size}^3 volumes")
-            return {**r, "volume": tf.ensure_shape(r["volume"], [size, size, size, 1])}
-        ds = ds.map(check)
-    if shuffle:
-        ds = ds.shuffle(shuffle, seed=seed, reshuffle_each_iteration=True)
+    paths = shard_paths(data_dir)
+    keep = _fold_filter(folds, exclude_folds)
+
+    def check(r):
+        if size is None:
+            return r
+        tf.debugging.assert_equal(tf.shape(r["volume"])[:3], [size, size, size],
+                                  message=f"records are not {size}^3 volumes")
+        return {**r, "volume": tf.ensure_shape(r["volume"], [size, size, size, 1])}
+
+    def epoch(e):
+        files = tf.data.Dataset.from_tensor_slices(paths)
+        epoch_seed = tf.cast(seed, tf.int64) * 1000003 + tf.cast(e, tf.int64)
+        if shuffle:
+            files = files.shuffle(len(paths), seed=epoch_seed)
+        ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
+                              num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.filter(keep).map(check)
+        if shuffle:
+            ds = ds.shuffle(shuffle, seed=epoch_seed)
+        return ds
+
     if repeat:
-        ds = ds.repeat()
+        skip = start_step * batch_size
+        n = count_examples(data_dir, folds, exclude_folds) if skip else 1
+        if n == 0:
+            raise ValueError(f"no records in {data_dir!r} pass the fold selection")
+        ds = tf.data.Dataset.range(skip // n, 2 ** 62).flat_map(epoch).skip(skip % n)
+    else:
+        ds = epoch(tf.constant(0, tf.int64))
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

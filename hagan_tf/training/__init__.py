@@ -1,0 +1,1 @@
+"""Training: distribution strategy, callbacks (checkpoints, TensorBoard, progress) and the CLI."""

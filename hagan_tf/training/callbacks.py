@@ -1,0 +1,115 @@
+"""Callbacks for `HAGAN.fit`: checkpoints, TensorBoard summaries, progress, NaN guard."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tqdm.auto import tqdm
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class Checkpointer(keras.callbacks.Callback):
+    """Every `every` steps (and at the end) saves model, the four optimizers and the step.
+
+    The RNG state is the step itself: crops and latents are stateless functions of
+    (config.seed, step), and the input order is resumed from the step too.
+    """
+
+    def __init__(self, manager: tf.train.CheckpointManager, step_var: tf.Variable, every: int,
+                 guard: "Monitor | None" = None):
+        super().__init__()
+        self.manager, self.step_var, self.every, self.guard = manager, step_var, every, guard
+        self.last_saved = None
+
+    def save(self):
+        step = int(self.model.step.numpy())
+        if self.last_saved == step or (self.guard is not None and self.guard.error):
+            return
+        self.step_var.assign(step)
+        self.manager.save(checkpoint_number=step)
+        self.last_saved = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.step.numpy()) % self.every == 0:
+            self.save()
+
+    def on_train_end(self, logs=None):
+        self.save()
+
+
+class Monitor(keras.callbacks.Callback):
+    """Progress bar (it/s, ETA), TensorBoard scalars and images, and the NaN/Inf stop."""
+
+    def __init__(self, log_dir: str, total_steps: int, log_every: int, image_every: int,
+                 sample_batch=None, progress: bool = True):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.total, self.log_every, self.image_every = total_steps, log_every, image_every
+        self.sample_batch, self.progress = sample_batch, progress
+        self.error: str | None = None
+        self.bar = None
+
+    def on_train_begin(self, logs=None):
+        start = int(self.model.step.numpy())
+        self.bar = tqdm(total=self.total, initial=start, unit="it", disable=not self.progress,
+                        dynamic_ncols=True, desc="train")
+        self.t_last = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = logs or {}
+        step = int(self.model.step.numpy())
+        now = time.perf_counter()
+        step_time, self.t_last = now - self.t_last, now
+        values = {k: float(np.asarray(v)) for k, v in logs.items()}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            self.error = (f"loss {bad[0]} became {values[bad[0]]} at step {step}; "
+                          "training stopped, the last good checkpoint is kept")
+            self.model.stop_training = True
+            return
+        self.bar.update(1)
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k.endswith("loss")})
+        if step % self.log_every == 0 or step == 1:
+            with self.writer.as_default(step=step):
+                for k, v in values.items():
+                    tf.summary.scalar(f"loss/{k}" if "loss" in k else f"metric/{k}", v)
+                for name in ("g", "d", "eh", "eg"):
+                    opt = getattr(self.model, f"{name}_optimizer")
+                    tf.summary.scalar(f"learning_rate/{name}", float(np.asarray(keras.ops.convert_to_numpy(opt.learning_rate))))
+                tf.summary.scalar("time/step_seconds", step_time)
+        if self.sample_batch is not None and (step % self.image_every == 0 or step == 1):
+            self.write_images(step)
+
+    def write_images(self, step):
+        """Mid axial/coronal/sagittal slices of real, fake slab, fake volume, reconstruction."""
+        from ..io import mid_slices
+
+        gan, cfg = self.model, self.model.config_
+        real = self.sample_batch["volume"][:1]
+        labels = self.sample_batch.get("label")
+        labels = labels[:1] if labels is not None and cfg.num_classes else None
+        z = tf.random.stateless_normal((1, cfg.latent_dim), [cfg.seed, 7])
+        images = {"real": real}
+        slab, _ = gan.generator(z, labels=labels, crop=tf.constant(cfg.max_crop // 2 // 4 * 4))
+        images["fake_slab"] = slab
+        if cfg.size <= 128:
+            images["fake_volume"] = gan.generator(z, labels=labels)
+            images["reconstruction"] = gan.generator(gan.encoder(real), labels=labels)
+        with self.writer.as_default(step=step):
+            for name, vol in images.items():
+                sl = mid_slices(np.asarray(vol[0]))
+                for view, img in zip(("axial", "coronal", "sagittal"), sl):
+                    img = (np.clip(img, -1, 1) + 1) / 2
+                    tf.summary.image(f"{name}/{view}", img[None, :, :, None], step=step)
+
+    def on_train_end(self, logs=None):
+        if self.bar is not None:
+            self.bar.close()
+        self.writer.flush()

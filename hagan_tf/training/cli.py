@@ -1,0 +1,143 @@
+"""`hagan-train`: train HA-GAN on TFRecords, resuming from the run directory if it has a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import keras
+import tensorflow as tf
+
+from .. import run as rundir
+from ..config import HAGANConfig
+from ..data.pipeline import make_dataset
+from ..data.records import parse_example, shard_paths
+from .callbacks import Checkpointer, Monitor
+
+# Settings that may change when a run is resumed; anything else must match the saved config.
+RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every"}
+
+
+def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
+    """MultiWorkerMirrored when TF_CONFIG names a cluster, else Mirrored over local GPUs (or CPU)."""
+    if kind == "auto":
+        kind = "multiworker" if os.environ.get("TF_CONFIG") else "mirrored"
+    if kind == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if kind == "default":
+        return tf.distribute.get_strategy()
+    raise ValueError(f"unknown strategy {kind!r}")
+
+
+def load_config(path_or_preset: str) -> HAGANConfig:
+    """A YAML path, or the name of a preset shipped in hagan_tf/configs (e.g. `tiny_32`)."""
+    if os.path.exists(path_or_preset):
+        return HAGANConfig.from_yaml(path_or_preset)
+    preset = os.path.join(os.path.dirname(__file__), "..", "configs", f"{path_or_preset}.yaml")
+    if os.path.exists(preset):
+        return HAGANConfig.from_yaml(preset)
+    raise FileNotFoundError(f"no config file or preset named {path_or_preset!r}")
+
+
+def check_resume(run_dir: str, config: HAGANConfig) -> None:
+    if not os.path.exists(rundir.config_path(run_dir)):
+        return
+    saved = rundir.read_config(run_dir).to_dict()
+    diff = {k: (saved[k], v) for k, v in config.to_dict().items()
+            if k not in RESUMABLE and saved.get(k) != v}
+    if diff:
+        lines = ", ".join(f"{k}: {a!r} in the run vs {b!r} now" for k, (a, b) in diff.items())
+        raise ValueError(f"{run_dir} holds a run with a different config ({lines}); "
+                         "use another --out, or the same settings to resume")
+
+
+def check_data(data_dir: str, size: int) -> None:
+    first = next(iter(tf.data.TFRecordDataset(shard_paths(data_dir)[:1]).take(1)), None)
+    if first is None:
+        raise ValueError(f"the first shard in {data_dir!r} is empty")
+    shape = parse_example(first)["volume"].shape
+    if tuple(shape[:3]) != (size, size, size):
+        raise ValueError(f"records in {data_dir!r} are {tuple(shape[:3])} volumes but the config's "
+                         f"size is {size}: preprocess with --size {size} or set size")
+
+
+def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
+          progress: bool = True, verbose: bool = True) -> dict:
+    """Train (or resume) until config.max_steps. Returns {'step', 'checkpoint', 'error'}."""
+    check_resume(run_dir, config)
+    check_data(data_dir, config.size)
+    rundir.write_config(run_dir, config)
+    keras.mixed_precision.set_global_policy(config.mixed_precision)
+    strategy = strategy or make_strategy()
+    from ..gan import HAGAN
+
+    with strategy.scope():
+        gan = HAGAN(config)
+        gan.compile()
+        step_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+        ckpt = tf.train.Checkpoint(model=gan, g_optimizer=gan.g_optimizer,
+                                   d_optimizer=gan.d_optimizer, eh_optimizer=gan.eh_optimizer,
+                                   eg_optimizer=gan.eg_optimizer, step=step_var)
+        manager = rundir.checkpoint_manager(run_dir, ckpt, keep=config.keep_checkpoints)
+        if manager.latest_checkpoint:
+            ckpt.restore(manager.latest_checkpoint).expect_partial()
+            if verbose:
+                print(f"resuming from {manager.latest_checkpoint} (step {int(gan.step.numpy())})")
+    start = int(gan.step.numpy())
+    if start >= config.max_steps:
+        if verbose:
+            print(f"run is at step {start} >= max_steps {config.max_steps}: nothing to do")
+        return {"step": start, "checkpoint": manager.latest_checkpoint, "error": None}
+
+    excluded = [config.fold] if config.fold is not None else None
+
+    def inputs(r):
+        return {"volume": r["volume"], "label": r["label"]}
+
+    ds = make_dataset(data_dir, config.batch_size, size=config.size, exclude_folds=excluded,
+                      shuffle=config.shuffle_buffer, seed=config.seed, start_step=start).map(inputs)
+    sample = next(iter(make_dataset(data_dir, 1, size=config.size, repeat=False, shuffle=0)))
+    monitor = Monitor(os.path.join(run_dir, rundir.TENSORBOARD), config.max_steps,
+                      config.log_every, config.image_every, sample_batch=sample, progress=progress)
+    checkpointer = Checkpointer(manager, step_var, config.checkpoint_every, guard=monitor)
+    gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start,
+            callbacks=[monitor, checkpointer], verbose=0)
+    step = int(gan.step.numpy())
+    if monitor.error and verbose:
+        print(f"error: {monitor.error}: {manager.latest_checkpoint}", file=sys.stderr)
+    return {"step": step, "checkpoint": manager.latest_checkpoint, "error": monitor.error,
+            "model": gan}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="hagan-train", description=__doc__)
+    p.add_argument("--config", required=True, help="YAML file or preset name (tiny_32, paper_128, paper_256)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set batch_size=2")
+    p.add_argument("--data", required=True, help="directory of TFRecord shards (hagan-preprocess output)")
+    p.add_argument("--out", required=True, help="run directory (re-run the same command to resume)")
+    p.add_argument("--max-steps", type=int, help="stop at this step (overrides max_steps)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "mirrored", "multiworker", "default"])
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config).with_overrides(args.set)
+        if args.max_steps is not None:
+            config = config.replace(max_steps=args.max_steps)
+        result = train(config, args.data, args.out, make_strategy(args.strategy),
+                       progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hagan-train: error: {e}", file=sys.stderr)
+        return 2
+    if result["error"]:
+        return 1
+    print(f"step {result['step']}: checkpoint {result['checkpoint']}; "
+          f"TensorBoard: tensorboard --logdir {os.path.join(args.out, rundir.TENSORBOARD)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

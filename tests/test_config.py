@@ -1,0 +1,49 @@
+"""HAGANConfig: presets, YAML round trip, validation, --set overrides."""
+
+import os
+
+import pytest
+
+from hagan_tf import HAGANConfig
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+@pytest.mark.parametrize("name,size", [("paper_256", 256), ("paper_128", 128), ("tiny_32", 32)])
+def test_presets_load(name, size):
+    cfg = HAGANConfig.from_yaml(os.path.join(CONFIGS, f"{name}.yaml"))
+    assert cfg.size == size
+
+
+def test_paper_defaults():
+    cfg = HAGANConfig(size=256)
+    assert (cfg.latent_dim, cfg.num_classes, cfg.width) == (1024, 0, 1.0)
+    assert (cfg.lr_g, cfg.lr_d, cfg.lr_eh, cfg.lr_eg, cfg.beta_1) == (1e-4, 4e-4, 1e-4, 1e-4, 0.0)
+    assert (cfg.a_size, cfg.slab_depth, cfg.max_crop) == (64, 32, 224)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = HAGANConfig(size=64, num_classes=3, width=0.25)
+    cfg.to_yaml(tmp_path / "c.yaml")
+    assert HAGANConfig.from_yaml(tmp_path / "c.yaml") == cfg
+
+
+@pytest.mark.parametrize("bad", [{"size": 48}, {"size": 16}, {"size": 1024}, {"width": 0},
+                                 {"downsample": "cubic"}, {"mixed_precision": "fp8"}])
+def test_invalid_values_are_rejected(bad):
+    with pytest.raises(ValueError):
+        HAGANConfig(**bad)
+
+
+def test_unknown_keys_and_overrides():
+    with pytest.raises(ValueError, match="unknown config keys: colour"):
+        HAGANConfig.from_dict({"colour": 1})
+    cfg = HAGANConfig(size=32).with_overrides(["batch_size=8", "lr_g=0.5", "jit_compile=true"])
+    assert (cfg.batch_size, cfg.lr_g, cfg.jit_compile) == (8, 0.5, True)
+    with pytest.raises(ValueError, match="key=value"):
+        HAGANConfig().with_overrides(["batch_size"])
+
+
+def test_channels_stay_multiples_of_eight():
+    cfg = HAGANConfig(size=32, width=0.1)
+    assert all(cfg.channels(c) % 8 == 0 and cfg.channels(c) >= 8 for c in (16, 32, 64, 512))

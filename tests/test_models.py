@@ -1,0 +1,195 @@
+"""Issue 2: the networks — parameter counts, shapes, slab alignment, SN semantics, serialisation."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+from hagan_tf import HAGAN, HAGANConfig
+from hagan_tf.layers import SNConv3D, SNDense
+
+# Reference parameter counts (architecture doc), trainable only.
+REFERENCE = {
+    128: {"G^A": 52_392_256, "G^H": 56_257, "G^L": 69_697, "G": 52_518_210,
+          "D^H": 4_599_073, "D^L": 2_642_369, "D": 7_241_442,
+          "E^H": 161_152, "E^G": 19_663_168, "all": 79_583_972},
+    256: {"G^A": 52_392_256, "G^H": 56_257, "G^L": 69_697, "G": 52_518_210,
+          "D^H": 4_630_833, "D^L": 2_771_425, "D": 7_402_258,
+          "E^H": 161_152, "E^G": 19_663_264, "all": 79_744_884},
+}
+
+
+@pytest.mark.parametrize("size", [128, 256])
+def test_parameter_counts_match_reference(size):
+    counts = HAGAN(HAGANConfig(size=size)).parameter_counts()
+    assert {k: counts[k] for k in REFERENCE[size]} == REFERENCE[size]
+
+
+def test_first_dense_layer_size():
+    gan = HAGAN(HAGANConfig(size=128))
+    fc = gan.generator.common.get_layer("fc")
+    assert sum(int(np.prod(w.shape)) for w in fc.trainable_weights) == 33_587_200
+
+
+def small(size, classes=0, latent=16):
+    return HAGANConfig(size=size, width=0.125, latent_dim=latent, num_classes=classes)
+
+
+@pytest.mark.parametrize("size", [32, 64])
+@pytest.mark.parametrize("classes", [0, 3])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_shapes_every_mode(size, classes, batch):
+    cfg = small(size, classes)
+    gan = HAGAN(cfg)
+    g, d, e = gan.generator, gan.discriminator, gan.encoder
+    z = gan.sample_z(batch, seed=0)
+    labels = np.arange(batch) % classes if classes else None
+    s, a = size, size // 4
+
+    full = gan.generate(z, labels)
+    assert full.shape == (batch, s, s, s, 1)
+    assert float(tf.reduce_max(tf.abs(full))) <= 1.0
+
+    crop = tf.constant(cfg.max_crop)  # the last slab: the edge case of the slicing
+    slab, low = g(z, labels=labels, crop=crop)
+    assert slab.shape == (batch, s // 8, s, s, 1)
+    assert low.shape == (batch, a, a, a, 1)
+
+    feats = g.features(z, labels)
+    assert feats.shape == (batch, a, a, a, g.feature_channels)
+    assert g.decode(feats).shape == (batch, s, s, s, 1)
+    assert g.preview(z, labels).shape == (batch, a, a, a, 1)
+
+    out = d(slab, low, crop)
+    if classes:
+        assert out[0].shape == (batch, 1) and out[1].shape == (batch, classes)
+    else:
+        assert out.shape == (batch, 1)
+    assert e.high_res(slab).shape == (batch, s // 32, a, a, g.feature_channels)
+    assert e.features(full).shape == (batch, a, a, a, g.feature_channels)
+    assert gan.encode(full).shape == (batch, cfg.latent_dim)
+
+
+def test_conditional_generator_requires_labels():
+    gan = HAGAN(small(32, classes=2))
+    with pytest.raises(ValueError, match="labels"):
+        gan.generate(gan.sample_z(1))
+
+
+@pytest.mark.parametrize("crop", [0, 12, 28])
+def test_training_slab_is_high_res_head_on_matching_feature_slab(crop):
+    cfg = small(32)
+    g = HAGAN(cfg).generator
+    z = HAGAN.sample_z(HAGAN(cfg), 2, seed=1)
+    slab, low = g(z, crop=tf.constant(crop))
+    a = g.features(z)
+    start, depth = crop // 4, cfg.size // 32
+    np.testing.assert_allclose(slab, g.decode(a[:, start:start + depth]), atol=1e-6)
+    np.testing.assert_allclose(low, g.low_res_head(a), atol=1e-6)
+    # the slab covers voxels [crop, crop + S/8) of the volume: 4 output slices per A slice
+    assert slab.shape[1] == 4 * depth == cfg.slab_depth
+
+
+def test_low_res_head_sees_whole_feature_map_and_slab_sees_only_its_slab():
+    cfg = small(64)
+    g = HAGAN(cfg).generator
+    a = g.features(HAGAN(cfg).sample_z(1, seed=2)).numpy()
+    crop, depth = 8, cfg.size // 32
+    b = a.copy()
+    b[:, -1] += 5.0  # perturb A far from the slab at crop 8 (A slices 2..3)
+    slab_a = g.decode(a[:, crop // 4:crop // 4 + depth])
+    slab_b = g.decode(b[:, crop // 4:crop // 4 + depth])
+    np.testing.assert_array_equal(slab_a, slab_b)
+    assert np.abs(g.low_res_head(a) - g.low_res_head(b)).max() > 1e-3
+
+
+def _power_iteration(w_mat, u):
+    v = u @ w_mat.T
+    v /= np.linalg.norm(v)
+    u2 = v @ w_mat
+    u2 /= np.linalg.norm(u2)
+    return float(((v @ w_mat) @ u2.T)[0, 0]), u2
+
+
+def test_spectral_norm_matches_reference_semantics():
+    layer = SNConv3D(6, 3, padding="same")
+    x = tf.random.stateless_normal((2, 5, 5, 5, 4), [1, 2])
+    layer.build(x.shape)
+    w = layer._kernel.numpy()
+    u0 = layer.u.numpy()
+    sigma, u1 = _power_iteration(w.reshape(-1, 6), u0)
+
+    # inference: divides by sigma from stored u, does not touch u
+    y = layer(x, training=False)
+    expect = tf.nn.conv3d(x, w / sigma, [1] * 5, "SAME") + layer.bias
+    np.testing.assert_allclose(y, expect, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(layer.u.numpy(), u0)
+    np.testing.assert_array_equal(layer._kernel.numpy(), w)  # stored kernel is never rescaled
+
+    # training: same output, u advances by one power iteration
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.u.numpy(), u1, rtol=1e-5, atol=1e-6)
+
+    # many training passes: sigma converges to the largest singular value
+    for _ in range(50):
+        layer(x, training=True)
+    top = np.linalg.svd(w.reshape(-1, 6), compute_uv=False)[0]
+    np.testing.assert_allclose(float(layer.sigma()), top, rtol=1e-4)
+
+
+def test_spectral_norm_passes_gradient_through_sigma():
+    layer = SNDense(3)
+    layer.build((None, 4))
+    x = tf.random.stateless_normal((5, 4), [3, 4])
+    u = tf.constant(layer.u.numpy())
+
+    def reference(k):  # W / sigma(W), u and v held constant (no_grad), as in the reference
+        v = tf.stop_gradient(tf.math.l2_normalize(u @ tf.transpose(k)))
+        u2 = tf.stop_gradient(tf.math.l2_normalize(v @ k))
+        return tf.reduce_sum(tf.square(x @ (k / tf.reduce_sum((v @ k) * u2))))
+
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(layer(x)))
+    ours = tape.gradient(loss, layer._kernel)
+    k = tf.constant(layer._kernel.numpy())
+    with tf.GradientTape() as tape:
+        tape.watch(k)
+        ref = reference(k)
+    np.testing.assert_allclose(ours, tape.gradient(ref, k), rtol=1e-4, atol=1e-6)
+    # ... and differs from treating sigma as a constant (what keras.layers.SpectralNormalization does)
+    sigma = float(layer.sigma())
+    with tf.GradientTape() as tape:
+        tape.watch(k)
+        const = tf.reduce_sum(tf.square(x @ (k / sigma)))
+    assert np.abs(ours - tape.gradient(const, k)).max() > 1e-4
+
+
+def test_keras_save_load_round_trip(tmp_path):
+    cfg = small(32, classes=2)
+    gan = HAGAN(cfg)
+    z = gan.sample_z(2, seed=3)
+    labels = np.array([0, 1])
+    vol = gan.generate(z, labels).numpy()
+    crop = tf.constant(8)
+    slab, low = gan.generator(z, labels=labels, crop=crop)
+    gan.discriminator(slab, low, crop, training=True)  # move u away from its initial value
+    path = str(tmp_path / "hagan.keras")
+    gan.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.config_ == cfg
+    np.testing.assert_array_equal(loaded.generate(z, labels), vol)
+    np.testing.assert_array_equal(loaded.encode(vol), gan.encode(vol))
+    for a, b in zip(loaded.discriminator(slab, low, crop), gan.discriminator(slab, low, crop)):
+        np.testing.assert_array_equal(a, b)
+    for layer in (gan.generator, gan.discriminator, gan.encoder):
+        assert layer.get_config()["config"] == cfg.to_dict()
+
+
+def test_larger_sizes_extend_the_same_layer_lists():
+    # 512: one more stride-2 conv in D^H's stem, D^L and E^G, every G^A stage upsamples
+    cfg = HAGANConfig(size=512, width=0.125, latent_dim=16)
+    gan = HAGAN(cfg)
+    assert len(gan.discriminator.high_res.convs.layers) == 4 + 4 + 1  # stem, tail, flatten
+    assert len(gan.discriminator.low_res.convs.layers) == 5 + 1 + 1
+    assert gan.generator.common.output_shape == (None, 128, 128, 128, 8)
+    assert gan.encoder.ground.output_shape == (None, 16)
