@@ -60,7 +60,9 @@ class _Training:
         self.g_optimizer, self.d_optimizer, self.eh_optimizer, self.eg_optimizer = opts
         if jit_compile is None:
             jit_compile = cfg.jit_compile
-        super().compile(jit_compile=jit_compile, **kwargs)
+        # fit() and its callbacks read `model.optimizer`: let it be D's, which steps once per
+        # iteration (the four optimizers are all checkpointed by the trainer).
+        super().compile(optimizer=self.d_optimizer, jit_compile=jit_compile, **kwargs)
         for opt, variables in zip(opts, self._update_variables()):
             opt.build(variables)
 

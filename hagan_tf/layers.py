@@ -11,6 +11,8 @@ different function and cannot load the published weights with forward parity.
 from __future__ import annotations
 
 import keras
+import numpy as np
+import tensorflow as tf
 from keras import layers, ops
 
 SERIAL_PACKAGE = "hagan_tf"
@@ -94,8 +96,48 @@ class SNDense(_SpectralNorm, layers.Dense):
         return self.activation(out) if self.activation is not None else out
 
 
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class GroupNorm(layers.GroupNormalization):
+    """Channels-last GroupNormalization whose moments are reduced over contiguous memory.
+
+    TF's CPU kernels sum over outer axes one element at a time: at 32^3 x 128 Keras's layer puts
+    ~2e-4 relative error on the variance (3e-4 on G's output against the PyTorch reference) and
+    is 2-3x slower than gathering each group's values first.
+    """
+
+    def call(self, inputs):
+        shape = ops.shape(inputs)
+        c = inputs.shape[-1]
+        x = ops.reshape(ops.cast(inputs, "float32"), (shape[0], -1, self.groups, c // self.groups))
+        mean, var = ops.moments(ops.transpose(x, (0, 2, 1, 3)), axes=(2, 3), keepdims=True)
+        mean = ops.transpose(mean, (0, 2, 1, 3))
+        inv = ops.transpose(ops.rsqrt(var + self.epsilon), (0, 2, 1, 3))
+        y = ops.reshape((x - mean) * inv, shape)
+        y = y * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
+        return ops.cast(y, inputs.dtype)
+
+
 def group_norm(name=None):
-    return layers.GroupNormalization(groups=GN_GROUPS, epsilon=GN_EPSILON, name=name)
+    return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, name=name)
+
+
+# Nearest x2 upsampling followed by a 'same' 3-tap convolution equals a stride-2 transposed
+# convolution with 4 taps on the original signal: tap j of the latter sums the taps of the
+# former that read the same input voxel (rows: 4 new taps, columns: 3 original taps).
+_UPSAMPLE_TAPS = np.array([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], np.float32)
+
+
+def upsample_conv3d(x, kernel):
+    """conv3d(nearest_upsample_x2(x), kernel, 'SAME') for a 3^3 kernel, without the upsampling.
+
+    The same function (up to float rounding) at 8/27 of the multiply-adds and without the 8x
+    larger upsampled tensor: G^H's last layer at 256^3 otherwise materialises 2 GiB.
+    """
+    t = tf.constant(_UPSAMPLE_TAPS, dtype=kernel.dtype)
+    k4 = tf.einsum("ai,bj,cl,ijlmn->abcnm", t, t, t, kernel)  # [4,4,4,out,in]
+    shape = tf.shape(x)
+    out = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], tf.shape(kernel)[-1]])
+    return tf.nn.conv3d_transpose(x, k4, out, strides=[1, 2, 2, 2, 1], padding="SAME")
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
@@ -111,22 +153,24 @@ class ConvBlock(layers.Layer):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.strides = filters, kernel_size, strides
         self.padding, self.upsample, self.post = padding, upsample, post
-        self.up = layers.UpSampling3D(2, name="up") if upsample else None
+        if upsample and (kernel_size != 3 or strides != 1 or padding != "same"):
+            raise ValueError("upsampling blocks are 3^3, stride 1, 'same' convolutions")
         self.conv = layers.Conv3D(filters, kernel_size, strides=strides, padding=padding, name="conv")
         self.norm = group_norm("norm") if post == "gn_relu" else None
 
     def build(self, input_shape):
         shape = tuple(input_shape)
-        if self.up is not None:
+        if self.upsample:
             shape = shape[:1] + tuple(None if s is None else 2 * s for s in shape[1:4]) + shape[4:]
         self.conv.build(shape)
         if self.norm is not None:
             self.norm.build(self.conv.compute_output_shape(shape))
 
     def call(self, x):
-        if self.up is not None:
-            x = self.up(x)
-        x = self.conv(x)
+        if self.upsample:
+            x = upsample_conv3d(x, self.conv.kernel) + self.conv.bias
+        else:
+            x = self.conv(x)
         if self.post == "gn_relu":
             return ops.relu(self.norm(x))
         if self.post == "tanh":

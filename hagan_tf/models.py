@@ -21,7 +21,7 @@ from keras import layers, ops
 from .config import HAGANConfig
 from .layers import SERIAL_PACKAGE, ConvBlock, SNConvLeaky, SNDense
 
-# G^A's convolutions after the 4^3 reshape; the last `log2(S/16)` of them follow an upsample.
+# G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
 COMMON_CHANNELS = (512, 512, 256, 128, 64)
 
 
@@ -63,7 +63,8 @@ class Generator(_Network):
         n_up = _log2(cfg.size // 16)
         c0 = ch(COMMON_CHANNELS[0])
         blocks = [
-            ConvBlock(ch(c), upsample=i >= len(COMMON_CHANNELS) - n_up, name=f"block{i + 1}")
+            ConvBlock(ch(c), upsample=min(1, len(COMMON_CHANNELS) - n_up) <= i <= n_up,
+                      name=f"block{i + 1}")
             for i, c in enumerate(COMMON_CHANNELS)
         ]
         if n_up > len(COMMON_CHANNELS):

@@ -40,7 +40,8 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
 
     `folds` keeps only those folds (evaluation), `exclude_folds` drops them (training with
     cross-validation). `size` checks that the records are at the model's resolution.
-    The order is a pure function of `seed` (one seeded shuffle per epoch), and `start_step`
+    The order is a pure function of `seed` (files and blocks of `shuffle` records permuted per
+    epoch by stateless shuffles), and `start_step`
     resumes it exactly where step `start_step` of a run left off, reading at most one epoch
     to get there: a resumed run sees the same batches as an uninterrupted one.
     """
@@ -54,17 +55,26 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
                                   message=f"records are not {size}^3 volumes")
         return {**r, "volume": tf.ensure_shape(r["volume"], [size, size, size, 1])}
 
+    def permute(seed_pair):
+        def apply(block):
+            n = tf.shape(block["volume"])[0]
+            perm = tf.random.experimental.stateless_shuffle(tf.range(n), seed_pair)
+            return tf.nest.map_structure(lambda t: tf.gather(t, perm), block)
+        return apply
+
     def epoch(e):
-        files = tf.data.Dataset.from_tensor_slices(paths)
-        epoch_seed = tf.cast(seed, tf.int64) * 1000003 + tf.cast(e, tf.int64)
+        # Stateless shuffles keyed on (seed, epoch): no dependence on TF's global seed state.
+        seed_pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(e, tf.int64)])
+        files = tf.constant(paths)
         if shuffle:
-            files = files.shuffle(len(paths), seed=epoch_seed)
+            files = tf.random.experimental.stateless_shuffle(files, seed_pair)
+        files = tf.data.Dataset.from_tensor_slices(files)
         ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(paths), 8),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.map(parse_example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         ds = ds.filter(keep).map(check)
-        if shuffle:
-            ds = ds.shuffle(shuffle, seed=epoch_seed)
+        if shuffle:  # shuffle within blocks of `shuffle` records
+            ds = ds.batch(shuffle).map(permute(seed_pair + [0, 1 << 40])).unbatch()
         return ds
 
     if repeat:

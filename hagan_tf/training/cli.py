@@ -72,6 +72,7 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     rundir.write_config(run_dir, config)
     keras.mixed_precision.set_global_policy(config.mixed_precision)
     strategy = strategy or make_strategy()
+    keras.utils.set_random_seed(config.seed)  # same initial weights on every (re)start
     from ..gan import HAGAN
 
     with strategy.scope():

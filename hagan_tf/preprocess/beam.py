@@ -1,0 +1,404 @@
+"""`hagan-preprocess`: a Beam job from NIfTI scans to training records that accounts for every input.
+
+The launcher lists the inputs, joins labels and assigns folds and shards (all cheap, on file
+names); the pipeline groups the scans by shard and, per shard, runs the shared transform on each
+scan and streams the records into that shard. Every input ends up either in the records (and in
+`manifest.jsonl`, with the shard it is in) or in `dead_letter.jsonl` with a one-line reason.
+
+Why not `WriteToTFRecord`: with a fixed shard count it groups the serialised volumes themselves,
+which the DirectRunner holds in memory all at once (32 GB per 1,000 scans at 256^3), and it
+cannot say which shard a record went to. Grouping the small scan entries instead keeps one
+volume per worker in memory and names each record's shard exactly (`records.shard_name`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import posixpath
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+import apache_beam as beam
+import tensorflow as tf
+
+from ..config import HAGANConfig
+from ..data.records import MANIFEST, SHARD_PATTERN, SUMMARY, encode_example, shard_name
+from .transform import CT_WINDOW, NIFTI_SUFFIXES, ScanError, preprocess_file, subject_id
+
+DEAD_LETTER = "dead_letter.jsonl"
+TMP_PREFIX = ".tmp-"
+OUTPUTS = (SHARD_PATTERN, MANIFEST, SUMMARY, DEAD_LETTER, TMP_PREFIX + "*")
+SHARD_BYTES = 256 * 2 ** 20
+MIN_SHARDS = 16  # shards are the unit of parallel work
+log = logging.getLogger("hagan_tf.preprocess")
+gfile = tf.io.gfile
+
+
+def _join(*parts: str) -> str:
+    return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
+
+
+# -- the launcher's plan: inputs, labels, folds, shards ------------------------------------------
+
+def list_inputs(patterns: list[str]) -> list[str]:
+    """Expands DIRs (recursively, NIfTI names only) and globs; explicit paths are kept as given
+    even when missing, so that they are reported rather than silently dropped."""
+    paths = set()
+    for pattern in patterns:
+        if gfile.isdir(pattern):
+            for root, _, files in gfile.walk(pattern):
+                paths.update(_join(root, f) for f in files if f.lower().endswith(NIFTI_SUFFIXES))
+        elif any(c in pattern for c in "*?["):
+            matches = gfile.glob(pattern)
+            if not matches:
+                log.warning("--input %r matches nothing", pattern)
+            for m in matches:
+                paths.update(list_inputs([m]) if gfile.isdir(m) else [m])
+        else:
+            paths.add(pattern)
+    return sorted(paths)
+
+
+def read_labels(path: str) -> dict[str, int]:
+    """`name,label` CSV -> {subject id: label}; names may carry .nii/.nii.gz and directories."""
+    with gfile.GFile(path, "r") as f:
+        rows = list(csv.reader(io.StringIO(f.read())))
+    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["name", "label"]:
+        raise ValueError(f"{path}: the first line must be the header 'name,label'")
+    labels = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise ValueError(f"{path}:{line}: expected 'name,label', got {row!r}")
+        name, value = subject_id(row[0].strip()), row[1].strip()
+        try:
+            label = int(value)
+        except ValueError:
+            label = -1
+        if label < 0:
+            raise ValueError(f"{path}:{line}: label must be a non-negative integer, got {value!r}")
+        if labels.get(name, label) != label:
+            raise ValueError(f"{path}:{line}: {name!r} has two labels, {labels[name]} and {label}")
+        labels[name] = label
+    return labels
+
+
+def _rank(sid: str, seed: int) -> str:
+    return hashlib.sha256(f"{seed}:{sid}".encode()).hexdigest()
+
+
+def plan(paths: list[str], labels: dict[str, int] | None = None, folds: int = 0,
+         seed: int = 0) -> list[dict]:
+    """One entry per input path: subject id, label, fold, or the reason it cannot be used.
+
+    Folds are KFold-equivalent and deterministic: subjects sorted by a seeded hash of their id,
+    dealt round-robin, so every fold gets n/K subjects (+-1) whatever order the files come in.
+    """
+    entries, first = [], {}
+    for path in paths:
+        sid = subject_id(path)
+        entry = {"source": path, "subject_id": sid, "label": -1, "fold": -1}
+        if sid in first:
+            entry["reason"] = f"duplicate subject id {sid!r} (also {first[sid]})"
+        else:
+            first[sid] = path
+            if labels is not None:
+                if sid in labels:
+                    entry["label"] = labels[sid]
+                else:
+                    entry["reason"] = f"no label for {sid!r} in the labels CSV"
+        entries.append(entry)
+    usable = sorted((e for e in entries if "reason" not in e), key=lambda e: _rank(e["subject_id"], seed))
+    for i, entry in enumerate(usable):
+        entry["fold"] = i % folds if folds else -1
+    return entries
+
+
+def default_shards(n: int, size: int, dtype: str) -> int:
+    nbytes = n * size ** 3 * (2 if dtype == "float16" else 4)
+    return max(1, min(n, max(MIN_SHARDS, math.ceil(nbytes / SHARD_BYTES))))
+
+
+def assign_shards(entries: list[dict], shards: int, seed: int = 0) -> list[tuple[int, dict]]:
+    """Deals entries to shards round-robin in seeded-hash order: shards mix subjects and folds."""
+    ranked = sorted(entries, key=lambda e: (_rank(e["subject_id"], seed), e["source"]))
+    return [(i % shards, e) for i, e in enumerate(ranked)]
+
+
+# -- the pipeline ---------------------------------------------------------------------------------
+
+def _local_copy(path: str, tmp_dir: str) -> str:
+    """nibabel reads local files: remote scans (gs://, s3://, hdfs://) are copied first."""
+    if "://" not in path:
+        return path
+    local = os.path.join(tmp_dir, os.path.basename(path))
+    gfile.copy(path, local, overwrite=True)
+    return local
+
+
+class WriteShard(beam.DoFn):
+    """(shard, entries) -> the shard file; manifest rows (main output) and dead letters."""
+
+    DEAD = "dead"
+
+    def __init__(self, out_dir: str, shards: int, dtype: str = "float16", **transform):
+        self.out_dir, self.shards, self.dtype, self.transform = out_dir, shards, dtype, transform
+        self.scans = beam.metrics.Metrics.counter("hagan_preprocess", "scans")
+
+    def _dead(self, entry: dict, reason: str):
+        return beam.pvalue.TaggedOutput(self.DEAD, {"source": entry["source"],
+                                                    "subject_id": entry["subject_id"],
+                                                    "reason": reason})
+
+    def process(self, element):
+        shard, entries = element
+        name = shard_name(shard, self.shards)
+        final = _join(self.out_dir, name)
+        tmp = _join(self.out_dir, f"{TMP_PREFIX}{name}-{uuid.uuid4().hex}")  # not *.tfrecord
+        rows, dead = [], []
+        with tf.io.TFRecordWriter(tmp) as writer, tempfile.TemporaryDirectory() as scratch:
+            for entry in sorted(entries, key=lambda e: e["source"]):
+                self.scans.inc()
+                if "reason" in entry:
+                    dead.append(self._dead(entry, entry["reason"]))
+                    continue
+                try:
+                    volume, meta = preprocess_file(_local_copy(entry["source"], scratch),
+                                                   **self.transform)
+                except ScanError as e:
+                    dead.append(self._dead(entry, str(e)))
+                    continue
+                except Exception as e:  # a bug or an odd file must not stop the job
+                    log.exception("unexpected error on %s", entry["source"])
+                    dead.append(self._dead(entry, f"unexpected {type(e).__name__}: "
+                                                  f"{' '.join(str(e).split())[:300]}"))
+                    continue
+                writer.write(encode_example(volume, entry["subject_id"], entry["label"],
+                                            entry["fold"], self.dtype))
+                meta.pop("subject_id")
+                meta["source"] = entry["source"]
+                rows.append({"subject_id": entry["subject_id"], "label": entry["label"],
+                             "fold": entry["fold"], "shard": name, "shape": list(volume.shape),
+                             **meta})
+        gfile.rename(tmp, final, overwrite=True)  # rows are emitted only once their data is in place
+        yield from rows
+        yield from dead
+
+
+class WriteJsonl(beam.DoFn):
+    """A sorted list of dicts -> one JSON-lines file (small: one line per scan)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def process(self, rows):
+        with gfile.GFile(self.path, "w") as f:
+            for row in sorted(rows, key=lambda r: (r["subject_id"], r["source"])):
+                f.write(json.dumps(row) + "\n")
+
+
+def build_pipeline(p: beam.Pipeline, keyed_entries: list[tuple[int, dict]], out_dir: str,
+                   shards: int, dtype: str, **transform):
+    results = (p
+               | "Scans" >> beam.Create(keyed_entries)
+               | "ByShard" >> beam.GroupByKey()
+               | "Preprocess" >> beam.ParDo(WriteShard(out_dir, shards, dtype, **transform))
+               .with_outputs(WriteShard.DEAD, main="rows"))
+    for tag, name in (("rows", MANIFEST), (WriteShard.DEAD, DEAD_LETTER)):
+        (results[tag]
+         | f"Collect {name}" >> beam.combiners.ToList()
+         | f"Write {name}" >> beam.ParDo(WriteJsonl(_join(out_dir, name))))
+    return p
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not gfile.exists(path):
+        return []
+    with gfile.GFile(path, "r") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _existing_outputs(out_dir: str) -> list[str]:
+    return sorted(p for pattern in OUTPUTS for p in gfile.glob(_join(out_dir, pattern)))
+
+
+def _prepare_output(parser, out_dir: str, overwrite: bool):
+    if gfile.exists(out_dir) and not gfile.isdir(out_dir):
+        parser.error(f"--output {out_dir!r} exists and is not a directory")
+    if gfile.exists(out_dir) and gfile.listdir(out_dir):
+        if not overwrite:
+            parser.error(f"--output {out_dir!r} is not empty; pass --overwrite to replace "
+                         "its records, manifest, dead letters and summary")
+        for path in _existing_outputs(out_dir):
+            gfile.remove(path)
+    try:
+        gfile.makedirs(out_dir)
+        probe = _join(out_dir, f"{TMP_PREFIX}probe-{uuid.uuid4().hex}")
+        with gfile.GFile(probe, "w") as f:
+            f.write("ok")
+        gfile.remove(probe)
+    except Exception as e:
+        parser.error(f"cannot write to --output {out_dir!r}: {' '.join(str(e).split())}")
+
+
+def _progress(out_dir: str, shards: int, done: threading.Event):
+    """Shard files appear as they are finished: counting them works on every runner."""
+    from tqdm import tqdm
+
+    with tqdm(total=shards, unit="shard", desc="preprocess", disable=None) as bar:
+        while not done.wait(2.0):
+            try:
+                n = len(gfile.glob(_join(out_dir, SHARD_PATTERN)))
+            except Exception:
+                continue
+            bar.update(n - bar.n)
+        bar.update(len(gfile.glob(_join(out_dir, SHARD_PATTERN))) - bar.n)
+
+
+def _beam_options(parser, beam_args: list[str]):
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+    options = PipelineOptions(beam_args)
+    logging.getLogger("apache_beam.options.pipeline_options").setLevel(logging.ERROR)
+    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    if unknown:
+        parser.error("unrecognised arguments (neither ours nor Beam pipeline options): "
+                     + ", ".join(f"--{u}" for u in sorted(unknown)))
+    if not options.view_as(StandardOptions).runner:
+        options.view_as(StandardOptions).runner = "DirectRunner"
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hagan-preprocess",
+        description="Preprocess NIfTI scans (CT or MRI) into HA-GAN training records with Apache "
+                    "Beam. Any other --option is passed to Beam (--runner, --direct_num_workers, "
+                    "--flink_master, --project, ...); the DirectRunner is the default.",
+        epilog="example: hagan-preprocess --input 'scans/*.nii.gz' --output data/ct128 --size 128 "
+               "--modality ct --labels labels.csv --folds 5")
+    p.add_argument("--input", nargs="+", required=True, metavar="GLOB_OR_DIR",
+                   help="scan files, globs (quote them) or directories (searched recursively "
+                        "for .nii/.nii.gz)")
+    p.add_argument("--output", required=True, metavar="DIR", help="dataset directory to write")
+    p.add_argument("--size", type=int, required=True, metavar="S", help="output edge S (S^3)")
+    p.add_argument("--modality", choices=("ct", "mri"), default="ct")
+    p.add_argument("--window", type=float, nargs=2, default=CT_WINDOW, metavar=("LOW", "HIGH"),
+                   help="CT window in HU mapped to [-1, 1] (default: -1024 600)")
+    p.add_argument("--percentile", type=float, default=99.9,
+                   help="MRI: clip at this percentile (default: 99.9)")
+    p.add_argument("--isotropic", type=float, default=None, metavar="MM",
+                   help="resample to this isotropic voxel size (mm) before trimming and resizing")
+    p.add_argument("--min-extent", type=int, default=None, metavar="VOXELS",
+                   help="refuse scans whose trimmed extent is below this along any axis "
+                        "(default: S/4, i.e. at most 4x upsampling)")
+    p.add_argument("--labels", metavar="CSV", help="CSV with header 'name,label', joined on file name")
+    p.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="assign K cross-validation folds by subject id (default: none)")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument("--shards", type=int, default=None, metavar="N",
+                   help=f"number of shards (default: ~256 MB each, at least {MIN_SHARDS})")
+    p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                   help="voxel type stored in the records")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the records of an existing output directory")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    try:
+        HAGANConfig(size=args.size)
+    except ValueError as e:
+        parser.error(f"--size: {e}")
+    if args.modality == "ct" and not args.window[1] > args.window[0]:
+        parser.error(f"--window LOW HIGH needs LOW < HIGH, got {args.window}")
+    if not 0 < args.percentile <= 100:
+        parser.error(f"--percentile must be in (0, 100], got {args.percentile}")
+    if args.isotropic is not None and not args.isotropic > 0:
+        parser.error(f"--isotropic must be a positive voxel size in mm, got {args.isotropic}")
+    if args.folds and args.folds < 2:
+        parser.error(f"--folds must be at least 2 (or 0 for none), got {args.folds}")
+    if args.shards is not None and args.shards < 1:
+        parser.error(f"--shards must be at least 1, got {args.shards}")
+    options = _beam_options(parser, beam_args)
+    labels = None
+    if args.labels:
+        try:
+            labels = read_labels(args.labels)
+        except (OSError, ValueError, tf.errors.OpError) as e:
+            parser.error(f"--labels: {' '.join(str(e).split())}")
+    paths = list_inputs(args.input)
+    if not paths:
+        parser.error(f"--input {' '.join(args.input)!r} matches no scans")
+    out_dir = args.output.rstrip("/") or "/"
+    _prepare_output(parser, out_dir, args.overwrite)
+
+    entries = plan(paths, labels, args.folds, args.fold_seed)
+    shards = min(len(entries), args.shards or default_shards(len(entries), args.size, args.dtype))
+    transform = dict(size=args.size, modality=args.modality, window=tuple(args.window),
+                     percentile=args.percentile, isotropic=args.isotropic, min_extent=args.min_extent)
+    print(f"hagan-preprocess: {len(entries)} scans -> {shards} shards of {args.size}^3 "
+          f"in {out_dir} ({options.get_all_options()['runner']})", file=sys.stderr)
+    start = time.time()
+    done = threading.Event()
+    progress = threading.Thread(target=_progress, args=(out_dir, shards, done), daemon=True)
+    progress.start()
+    try:
+        with beam.Pipeline(options=options) as p:
+            build_pipeline(p, assign_shards(entries, shards, args.fold_seed), out_dir, shards,
+                           args.dtype, **transform)
+    except Exception as e:
+        done.set()
+        progress.join()
+        print(f"error: the pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    done.set()
+    progress.join()
+    wall = time.time() - start
+
+    for tmp in gfile.glob(_join(out_dir, TMP_PREFIX + "*")):  # left by retried bundles
+        gfile.remove(tmp)
+    rows, dead = _read_jsonl(_join(out_dir, MANIFEST)), _read_jsonl(_join(out_dir, DEAD_LETTER))
+    summary = {
+        "in": len(entries), "written": len(rows), "failed": len(dead),
+        "reconciled": len(entries) == len(rows) + len(dead), "wall_time_s": round(wall, 2),
+        "shards": shards, "size": args.size, "modality": args.modality,
+        "window": list(args.window) if args.modality == "ct" else None,
+        "percentile": args.percentile if args.modality == "mri" else None,
+        "isotropic": args.isotropic, "dtype": args.dtype, "folds": args.folds,
+        "fold_seed": args.fold_seed, "labels": args.labels,
+        "labels_unmatched": (sorted(set(labels) - {e["subject_id"] for e in entries})
+                             if labels is not None else []),
+        "input": args.input, "runner": options.get_all_options()["runner"],
+        "interpolation": "linear (scipy.ndimage.zoom order=1) after Gaussian anti-aliasing",
+    }
+    with gfile.GFile(_join(out_dir, SUMMARY), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"scans in: {summary['in']}, written: {summary['written']}, failed: {summary['failed']}"
+          f" ({DEAD_LETTER}), {wall:.1f} s -> {out_dir}")
+    if summary["labels_unmatched"]:
+        print(f"warning: {len(summary['labels_unmatched'])} names in --labels match no scan",
+              file=sys.stderr)
+    if not summary["reconciled"]:
+        print("warning: counts do not reconcile (in != written + failed); see the manifest and "
+              f"{DEAD_LETTER}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

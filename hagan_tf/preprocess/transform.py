@@ -1,0 +1,180 @@
+"""The per-scan transform: one NIfTI scan to a training-ready S^3 volume in [-1, 1].
+
+The Beam job (`hagan-preprocess`) and the serving client (`hagan-encode`) both call
+`preprocess_file`, so a user's scan is encoded exactly as the training data was prepared.
+
+Steps (paper, Sec. IV-A, and the authors' reference script):
+  1. read with nibabel, reorient with `as_closest_canonical` (RAS+) and transpose to [D, H, W]
+     so that D is the superior-inferior (axial) axis, the axis slabs are cut along;
+  2. optionally resample to isotropic spacing;
+  3. CT: clip to the HU window (default [-1024, 600]); MRI: clip to [min, 99.9th percentile];
+     map linearly to [-1, 1], NaN becoming the lower bound;
+  4. trim leading and trailing blank axial slices (every voxel at the lower bound);
+  5. resize to S^3 with linear interpolation (`scipy.ndimage.zoom`, order=1, voxel-grid aligned),
+     after a Gaussian anti-aliasing filter along axes that shrink, as the reference's
+     `skimage.transform.resize` does.
+Every bad input raises `ScanError` with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from scipy import ndimage
+
+MODALITIES = ("ct", "mri")
+CT_WINDOW = (-1024.0, 600.0)
+MAX_VOXELS = 1024 ** 3  # 4 GiB as float32: larger inputs are refused instead of exhausting memory
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+class ScanError(ValueError):
+    """A scan that cannot be preprocessed; the message is a one-line reason."""
+
+
+def subject_id(path: str) -> str:
+    """The file name without directory and .nii/.nii.gz: the key for labels and folds."""
+    name = os.path.basename(str(path).rstrip("/"))
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or "no details"
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def load_scan(path: str) -> tuple[np.ndarray, dict]:
+    """Reads a 3D NIfTI as float32 [D, H, W] in RAS+ (D = superior axis) and its metadata."""
+    import nibabel as nib
+    from nibabel.affines import voxel_sizes
+
+    if not os.path.exists(path):
+        raise ScanError(f"no such file: {path}")
+    if os.path.isdir(path):
+        raise ScanError(f"is a directory, not a scan: {path}")
+    if os.path.getsize(path) == 0:
+        raise ScanError("empty file (0 bytes)")
+    try:
+        img = nib.load(path)
+    except PermissionError as e:
+        raise ScanError(f"unreadable path: {_one_line(e)}") from None
+    except Exception as e:  # nibabel raises many types for foreign or corrupt bytes
+        raise ScanError(f"not a readable NIfTI file: {_one_line(e)}") from None
+    if not isinstance(img, nib.spatialimages.SpatialImage):
+        raise ScanError(f"not a volume image: {type(img).__name__}")
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3:
+        raise ScanError(f"{len(shape)}D image of shape {shape}, expected a 3D volume")
+    if any(s != 1 for s in shape[3:]):
+        raise ScanError(f"{len(shape)}D image of shape {shape}, expected a single 3D volume")
+    if min(shape) < 1:
+        raise ScanError(f"empty image of shape {shape}")
+    if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
+        raise ScanError(f"image of shape {shape} exceeds the {MAX_VOXELS}-voxel limit")
+    try:
+        orientation = "".join(nib.aff2axcodes(img.affine))
+        canon = nib.as_closest_canonical(img)
+        data = np.asarray(canon.get_fdata(dtype=np.float32)).reshape(canon.shape[:3])
+        spacing = voxel_sizes(canon.affine)[:3]
+    except Exception as e:
+        raise ScanError(f"corrupt or truncated image data: {_one_line(e)}") from None
+    volume = np.ascontiguousarray(data.transpose(2, 1, 0))
+    meta = {"original_shape": list(shape), "orientation": orientation,
+            "spacing": [round(float(s), 6) for s in spacing[::-1]]}
+    return volume, meta
+
+
+def _resample(volume: np.ndarray, shape) -> np.ndarray:
+    """Linear resize to `shape`, Gaussian-smoothed first along shrinking axes (no aliasing)."""
+    factors = np.array(volume.shape, float) / np.array(shape, float)
+    sigma = np.maximum(0.0, (factors - 1.0) / 2.0)  # skimage.transform.resize's anti-aliasing
+    sigma[sigma < 0.125] = 0.0  # below, the kernel has radius 0: the identity
+    if sigma.any():
+        volume = ndimage.gaussian_filter(volume, sigma, mode="nearest")
+    return ndimage.zoom(volume, 1.0 / factors, order=1, mode="nearest", grid_mode=True)
+
+
+def preprocess_array(volume, size: int, modality: str = "ct", window=CT_WINDOW,
+                     percentile: float = 99.9, spacing=None, isotropic: float | None = None,
+                     min_extent: int | None = None) -> tuple[np.ndarray, dict]:
+    """[D, H, W] intensities (HU for CT) -> (float32 [S, S, S] in [-1, 1], meta).
+
+    `spacing` (mm, D/H/W order) is needed only with `isotropic` (target spacing in mm).
+    `min_extent` (default S // 4) refuses volumes whose trimmed extent would need more than 4x
+    upsampling along some axis: such a volume is too small for S.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    size = int(size)
+    vol = np.asarray(volume, np.float32)
+    if vol.ndim == 4 and vol.shape[-1] == 1:
+        vol = vol[..., 0]
+    if vol.ndim != 3:
+        raise ScanError(f"array of shape {vol.shape}, expected a 3D volume")
+    if vol.size == 0:
+        raise ScanError(f"empty array of shape {vol.shape}")
+    finite = np.isfinite(vol)
+    all_finite = bool(finite.all())
+    if not all_finite and not finite.any():
+        raise ScanError("all voxels are NaN or infinite")
+
+    if modality == "ct":
+        low, high = float(window[0]), float(window[1])
+        if not high > low:
+            raise ValueError(f"window must be (low, high) with low < high, got {window}")
+    else:
+        values = vol if all_finite else vol[finite]
+        low, high = float(values.min()), float(np.percentile(values, percentile))
+        del values
+    if not all_finite:
+        vol = np.where(finite, vol, np.float32(low))  # NaN (and inf) to the lower bound
+    del finite
+    if float(vol.min()) == float(vol.max()):
+        raise ScanError(f"blank volume: every voxel is {float(vol.min()):g}")
+    if not high > low:
+        raise ScanError(f"blank volume: no intensity range below the {percentile}th percentile")
+    vol = (np.clip(vol, low, high) - np.float32(low)) * np.float32(2.0 / (high - low)) - 1.0
+
+    meta = {"modality": modality, "intensity_range": [low, high]}
+    if isotropic:
+        if spacing is None:
+            raise ValueError("isotropic resampling needs the voxel spacing")
+        target = np.maximum(1, np.round(np.array(vol.shape) * np.asarray(spacing, float)
+                                        / float(isotropic))).astype(int)
+        if int(np.prod(target, dtype=np.int64)) > MAX_VOXELS:
+            raise ScanError(f"resampling to {isotropic} mm gives {tuple(target)}, over the voxel limit")
+        vol = _resample(vol, target)
+        meta["resampled_shape"] = [int(s) for s in vol.shape]
+
+    nonblank = np.flatnonzero((vol > -1.0).any(axis=(1, 2)))
+    if nonblank.size == 0:
+        raise ScanError("all axial slices are blank (every voxel at the lower bound)")
+    start, stop = int(nonblank[0]), int(nonblank[-1]) + 1
+    vol = vol[start:stop]
+    meta["kept_slices"] = [start, stop]
+
+    min_extent = max(1, size // 4) if min_extent is None else int(min_extent)
+    if min(vol.shape) < min_extent:
+        raise ScanError(f"too small for S={size}: extent {tuple(vol.shape)} after trimming, "
+                        f"need at least {min_extent} voxels per axis")
+    out = np.clip(_resample(vol, (size, size, size)), -1.0, 1.0).astype(np.float32)
+    return out, meta
+
+
+def preprocess_file(path: str, size: int, modality: str = "ct", window=CT_WINDOW,
+                    percentile: float = 99.9, isotropic: float | None = None,
+                    min_extent: int | None = None) -> tuple[np.ndarray, dict]:
+    """One NIfTI file -> (float32 [S, S, S] in [-1, 1], meta). Raises ScanError on bad input.
+
+    meta: source, subject_id, original_shape (as stored), orientation (stored axis codes),
+    spacing (mm, after reorientation, [D, H, W]), kept_slices [start, stop) along D (in the
+    resampled grid when `isotropic`), intensity_range (the [low, high] mapped to [-1, 1]).
+    """
+    volume, meta = load_scan(path)
+    out, more = preprocess_array(volume, size, modality, window, percentile, meta["spacing"],
+                                 isotropic, min_extent)
+    return out, {"source": str(path), "subject_id": subject_id(path), **meta, **more}

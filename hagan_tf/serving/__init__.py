@@ -1,0 +1,33 @@
+"""Export and serving: SavedModels in TF Serving's layout, an embedded server, and clients.
+
+`export` writes DIR/NAME/V (`hagan-export`), `server` serves DIR over TF Serving's gRPC and REST
+APIs (`hagan-serve`), `client` talks to it or to the real TF Serving (`hagan-sample`,
+`hagan-encode`). Only what both ends share lives here, so importing it is cheap.
+"""
+
+from __future__ import annotations
+
+DEFAULT_MODEL_NAME = "hagan"
+# gRPC's own ceiling; TF Serving allows the same. A 256^3 float32 volume is 64 MiB.
+MAX_MESSAGE_BYTES = 2**31 - 1
+GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+
+# Canonical gRPC code -> HTTP status, as TF Serving's REST API maps them (google.rpc.Code).
+HTTP_STATUS = {
+    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403,
+    "RESOURCE_EXHAUSTED": 429, "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501, "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500,
+    "UNAUTHENTICATED": 401,
+}
+
+
+class ServingError(Exception):
+    """A request failed with a canonical status code ("INVALID_ARGUMENT", "NOT_FOUND", ...)."""
+
+    def __init__(self, code: str, message: str, http_status: int | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.http_status = http_status or HTTP_STATUS.get(code, 500)

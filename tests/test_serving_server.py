@@ -1,0 +1,365 @@
+"""hagan-serve as a subprocess on free loopback ports: gRPC and REST round trips, bad requests,
+concurrency, new versions; and the hagan-sample / hagan-encode clients against it."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from google.protobuf import wrappers_pb2
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2,
+                                     prediction_service_pb2_grpc)
+
+from hagan_tf import HAGAN, HAGANConfig
+from hagan_tf.serving import GRPC_OPTIONS
+from hagan_tf.serving.client import Client, encode_main, sample_main
+from hagan_tf.serving.export import export_model, seed_latents
+
+CFG = HAGANConfig(size=32, width=0.125, latent_dim=16, spacing=1.5)
+MAX_BYTES = 4 << 20  # the server's --max-request-bytes in these tests
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(gan, model_base, grpc_port, rest_port) of a hagan-serve subprocess."""
+    root = tmp_path_factory.mktemp("serve")
+    base = str(root / "models")
+    gan = HAGAN(CFG)
+    export_model(gan, base, "hagan", 1)
+    script = os.path.join(os.path.dirname(sys.executable), "hagan-serve")
+    cmd = ([script] if os.path.exists(script) else [sys.executable, "-m", "hagan_tf.serving.server"])
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        cmd + ["--model-base", base, "--port", "0", "--rest-port", "0", "--poll-seconds", "0.5",
+               "--max-request-bytes", str(MAX_BYTES), "--max-batch", "8"],
+        stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = proc.stdout.readline()  # printed once both ports are bound and models loaded
+        m = re.search(r"gRPC on 127\.0\.0\.1:(\d+), REST on http://127\.0\.0\.1:(\d+)", line)
+        assert m, f"unexpected first line {line!r}; log:\n{open(root / 'server.log').read()}"
+        yield gan, base, int(m[1]), int(m[2])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert proc.returncode == 0  # SIGTERM is a clean shutdown
+
+
+@pytest.fixture(scope="module")
+def stubs(served):
+    channel = grpc.insecure_channel(f"127.0.0.1:{served[2]}", options=GRPC_OPTIONS)
+    yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+           model_service_pb2_grpc.ModelServiceStub(channel))
+    channel.close()
+
+
+def _predict_request(signature, model="hagan", version=None, **inputs):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model
+    request.model_spec.signature_name = signature
+    if version is not None:
+        request.model_spec.version.CopyFrom(wrappers_pb2.Int64Value(value=version))
+    for k, v in inputs.items():
+        request.inputs[k].CopyFrom(tf.make_tensor_proto(v))
+    return request
+
+
+def _rest(port, path, body=None, raw=None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_grpc_round_trip(served, stubs):
+    gan, _, _, _ = served
+    predictions, models = stubs
+    z = gan.sample_z(2, seed=0)
+    response = predictions.Predict(_predict_request("generate", z=z), timeout=120)
+    assert response.model_spec.name == "hagan" and response.model_spec.version.value == 1
+    volume = tf.make_ndarray(response.outputs["volume"])
+    np.testing.assert_allclose(volume, gan.generate(z).numpy(), atol=1e-5)
+
+    response = predictions.Predict(_predict_request("encode", volume=volume), timeout=120)
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["z"]), gan.encode(volume).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    request.model_spec.name = "hagan"
+    metadata = predictions.GetModelMetadata(request, timeout=60)
+    signature_defs = get_model_metadata_pb2.SignatureDefMap()
+    metadata.metadata["signature_def"].Unpack(signature_defs)
+    encode = signature_defs.signature_def["encode"]
+    assert [d.size for d in encode.inputs["volume"].tensor_shape.dim] == [-1, 32, 32, 32, 1]
+    assert {"generate", "generate_from_seed", "generate_preview", "reconstruct", "config",
+            "serving_default"} <= set(signature_defs.signature_def)
+
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = "hagan"
+    status = models.GetModelStatus(request, timeout=60).model_version_status
+    assert [(s.version, s.state) for s in status] == [
+        (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+
+
+def test_rest_round_trip_in_row_and_columnar_formats(served):
+    gan, _, _, port = served
+    z = gan.sample_z(2, seed=1)
+    expected = gan.generate(z).numpy()
+    code, reply = _rest(port, "/v1/models/hagan:predict", {"instances": z.tolist()})
+    assert code == 200
+    np.testing.assert_allclose(np.array(reply["predictions"], np.float32), expected, atol=1e-5)
+    code, reply = _rest(port, "/v1/models/hagan/versions/1:predict",
+                        {"signature_name": "generate", "inputs": {"z": z.tolist()}})
+    assert code == 200
+    np.testing.assert_allclose(np.array(reply["outputs"], np.float32), expected, atol=1e-5)
+
+    code, reply = _rest(port, "/v1/models/hagan:predict",
+                        {"signature_name": "encode", "instances": [{"volume": v} for v in expected.tolist()]})
+    assert code == 200
+    np.testing.assert_allclose(np.array(reply["predictions"]), gan.encode(expected).numpy(),
+                               rtol=1e-4, atol=1e-4)
+
+    assert _rest(port, "/v1/models/hagan") == (200, {"model_version_status": [
+        {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
+    code, reply = _rest(port, "/v1/models/hagan/versions/1/metadata")
+    assert code == 200 and reply["model_spec"]["version"] == "1"
+    seed = reply["metadata"]["signature_def"]["signature_def"]["generate_from_seed"]
+    assert seed["inputs"]["seed"]["dtype"] == "DT_INT64"
+
+
+def test_client_module_over_both_protocols(served):
+    gan, _, grpc_port, rest_port = served
+    z = gan.sample_z(1, seed=2)
+    for address, rest in ((f"127.0.0.1:{grpc_port}", False), (f"http://127.0.0.1:{rest_port}", True)):
+        with Client(address, rest=rest) as client:
+            assert client.config()["spacing"] == 1.5
+            assert client.status() == [{"version": 1, "state": "AVAILABLE"}]
+            assert client.metadata()["encode"]["outputs"]["z"] == ("DT_FLOAT", [-1, 16])
+            np.testing.assert_allclose(client.preview(z), gan.generator.preview(z).numpy(), atol=1e-5)
+            a, b = client.generate_from_seed([4, 5]), client.generate_from_seed([4, 5])
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(client.reconstruct(a[:1]),
+                                       gan.generate(gan.encode(a[:1])).numpy(), atol=1e-4)
+
+
+def _grpc_code(call):
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code()
+
+
+def test_bad_requests_get_the_right_errors_and_the_server_keeps_serving(served, stubs):
+    gan, _, _, port = served
+    predict = stubs[0].Predict
+    z = gan.sample_z(1, seed=3)
+    grpc_cases = {
+        "unknown model": (_predict_request("generate", model="nope", z=z), grpc.StatusCode.NOT_FOUND),
+        "unknown version": (_predict_request("generate", version=9, z=z), grpc.StatusCode.NOT_FOUND),
+        "unknown signature": (_predict_request("dream", z=z), grpc.StatusCode.INVALID_ARGUMENT),
+        "wrong dtype": (_predict_request("generate", z=z.astype(np.float64)),
+                        grpc.StatusCode.INVALID_ARGUMENT),
+        "wrong shape": (_predict_request("generate", z=z[:, :5]), grpc.StatusCode.INVALID_ARGUMENT),
+        "missing input": (_predict_request("generate"), grpc.StatusCode.INVALID_ARGUMENT),
+        "extra input": (_predict_request("generate", z=z, w=z), grpc.StatusCode.INVALID_ARGUMENT),
+        "batch too big": (_predict_request("generate_from_seed", seed=np.arange(9, dtype=np.int64)),
+                          grpc.StatusCode.INVALID_ARGUMENT),
+        "oversized message": (_predict_request("generate", z=np.zeros((MAX_BYTES // 64 + 1, 16),
+                                                                      np.float32)),
+                              grpc.StatusCode.RESOURCE_EXHAUSTED),
+    }
+    for name, (request, code) in grpc_cases.items():
+        assert _grpc_code(lambda: predict(request, timeout=60)) == code, name
+    corrupt = _predict_request("generate", z=z)
+    corrupt.inputs["z"].tensor_content = b"\x00" * 7  # bytes that are not 16 floats
+    assert _grpc_code(lambda: predict(corrupt, timeout=60)) == grpc.StatusCode.INVALID_ARGUMENT
+    huge = _predict_request("generate", z=z)  # a declared shape that would need 64 TB
+    huge.inputs["z"].ClearField("tensor_content")
+    huge.inputs["z"].tensor_shape.dim[0].size = 10**12
+    assert _grpc_code(lambda: predict(huge, timeout=60)) == grpc.StatusCode.INVALID_ARGUMENT
+    negative = _predict_request("generate", z=z)
+    negative.inputs["z"].tensor_shape.dim[0].size = -1
+    assert _grpc_code(lambda: predict(negative, timeout=60)) == grpc.StatusCode.INVALID_ARGUMENT
+
+    rest_cases = [
+        ("unknown model", "/v1/models/nope:predict", {"instances": z.tolist()}, None, 404),
+        ("unknown version", "/v1/models/hagan/versions/9:predict", {"instances": z.tolist()}, None, 404),
+        ("unknown signature", "/v1/models/hagan:predict",
+         {"signature_name": "dream", "instances": z.tolist()}, None, 400),
+        ("wrong dtype", "/v1/models/hagan:predict", {"instances": [["a"] * 16]}, None, 400),
+        ("float seed", "/v1/models/hagan:predict",
+         {"signature_name": "generate_from_seed", "inputs": {"seed": [1.5]}}, None, 400),
+        ("wrong shape", "/v1/models/hagan:predict", {"instances": [[0.0] * 5]}, None, 400),
+        ("ragged", "/v1/models/hagan:predict", {"instances": [[0.0] * 16, [0.0] * 3]}, None, 400),
+        ("missing input", "/v1/models/hagan:predict", {"inputs": {}}, None, 400),
+        ("no instances", "/v1/models/hagan:predict", {"signature_name": "generate"}, None, 400),
+        ("garbage JSON", "/v1/models/hagan:predict", None, b"{not json", 400),
+        ("not an object", "/v1/models/hagan:predict", None, b"[1, 2]", 400),
+        ("oversized body", "/v1/models/hagan:predict", None, b" " * (MAX_BYTES + 1), 413),
+        ("unknown path", "/v2/anything", {"instances": []}, None, 404),
+        ("classify", "/v1/models/hagan:classify", {"examples": []}, None, 501),
+    ]
+    for name, path, body, raw, code in rest_cases:
+        status, reply = _rest(port, path, body, raw)
+        assert status == code, (name, reply)
+        assert isinstance(reply["error"], str) and reply["error"], name
+    assert _rest(port, "/v1/models/nope")[0] == 404
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models/hagan", method="DELETE"), timeout=60)
+    assert e.value.code == 405 and "error" in json.loads(e.value.read())
+    assert _rest(port, "/v1/models/nope/metadata")[0] == 404
+
+    # still serving, on both protocols
+    response = predict(_predict_request("generate_preview", z=z), timeout=60)
+    assert tf.make_ndarray(response.outputs["volume"]).shape == (1, 8, 8, 8, 1)
+    assert _rest(port, "/v1/models/hagan:predict",
+                 {"signature_name": "generate_preview", "instances": z.tolist()})[0] == 200
+
+
+def test_eight_concurrent_clients_without_errors(served):
+    gan, _, grpc_port, rest_port = served
+    z = gan.sample_z(1, seed=4)
+    expected = gan.generator.preview(z).numpy()
+    errors, results = [], []
+
+    def worker(i):
+        rest = i % 2 == 1
+        try:
+            with Client(f"127.0.0.1:{rest_port if rest else grpc_port}", rest=rest) as client:
+                for j in range(20):
+                    if j % 5 == 4:
+                        results.append(client.generate_from_seed([i]).shape)
+                    else:
+                        np.testing.assert_allclose(client.preview(z), expected, atol=1e-5)
+                        results.append(expected.shape)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(f"client {i}: {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert errors == [] and len(results) == 160
+
+
+def _wait_for(fn, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError("timed out")
+
+
+def test_new_versions_and_models_are_picked_up_without_restart(served, tmp_path):
+    gan, base, grpc_port, rest_port = served
+
+    def publish(name, version):  # what hagan-export does: write aside, rename into place
+        staging = os.path.join(base, name, f".tmp-{version}")
+        shutil.copytree(os.path.join(base, "hagan", "1"), staging)
+        os.rename(staging, os.path.join(base, name, str(version)))
+
+    os.makedirs(os.path.join(base, "other"))
+    publish("other", 4)
+    client = Client(f"127.0.0.1:{grpc_port}", model="other")
+    _wait_for(lambda: _rest(rest_port, "/v1/models/other")[0] == 200)
+    publish("other", 5)
+    _wait_for(lambda: client.status()[0]["version"] == 5)
+    assert _rest(rest_port, "/v1/models/other/versions/4:predict",
+                 {"signature_name": "generate_preview", "instances": [[0.0] * 16]})[0] == 404
+
+    broken = os.path.join(base, "other", "6")
+    os.makedirs(broken)
+    with open(os.path.join(broken, "saved_model.pb"), "wb") as f:
+        f.write(b"not a saved model")
+    states = _wait_for(lambda: (s := client.status()) and len(s) == 2 and s)
+    assert states == [{"version": 6, "state": "END"}, {"version": 5, "state": "AVAILABLE"}]
+    z = gan.sample_z(1, seed=6)
+    np.testing.assert_allclose(client.generate(z), gan.generate(z).numpy(), atol=1e-5)
+    client.close()
+
+
+def test_hagan_sample_writes_nifti_montage_and_is_reproducible(served, tmp_path):
+    import nibabel as nib
+
+    gan, _, grpc_port, rest_port = served
+    out_grpc, out_rest = str(tmp_path / "grpc"), str(tmp_path / "rest")
+    assert sample_main(["--server", f"127.0.0.1:{grpc_port}", "-n", "3", "--seed", "10",
+                        "--batch", "2", "--out", out_grpc]) == 0
+    assert sample_main(["--server", f"127.0.0.1:{rest_port}", "--rest", "-n", "3", "--seed", "10",
+                        "--out", out_rest]) == 0
+    expected = gan.generate(seed_latents([10, 11, 12], CFG.latent_dim)).numpy()
+    for i, seed in enumerate((10, 11, 12)):
+        a = nib.load(os.path.join(out_grpc, f"sample_{seed}.nii.gz"))
+        b = nib.load(os.path.join(out_rest, f"sample_{seed}.nii.gz"))
+        np.testing.assert_allclose(np.diag(a.affine), [1.5, 1.5, 1.5, 1.0])
+        np.testing.assert_allclose(a.get_fdata(), b.get_fdata(), atol=1e-5)  # other batching
+        np.testing.assert_allclose(a.get_fdata(), expected[i, ..., 0].transpose(2, 1, 0), atol=1e-5)
+    assert os.path.getsize(os.path.join(out_grpc, "montage.png")) > 1000
+    with open(os.path.join(out_grpc, "samples.csv")) as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["10", "11", "12"]
+
+
+def test_hagan_sample_refuses_bad_arguments(served, tmp_path, capsys):
+    _, _, grpc_port, _ = served
+    server = f"127.0.0.1:{grpc_port}"
+    for argv, message in [
+        (["--server", "nohost", "--out", str(tmp_path)], "HOST:PORT"),
+        (["--server", server, "-n", "0", "--out", str(tmp_path)], "-n must be >= 1"),
+        (["--server", server, "--label", "1", "--out", str(tmp_path)], "not class-conditional"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            sample_main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert sample_main(["--server", server, "--model", "nope", "--out", str(tmp_path)]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_hagan_encode_preprocesses_scans_and_skips_bad_ones(served, tmp_path, capsys):
+    import nibabel as nib
+
+    from hagan_tf.data.synthetic import phantom_hu
+    from hagan_tf.preprocess.transform import preprocess_file
+
+    gan, _, grpc_port, rest_port = served
+    rng = np.random.default_rng(0)
+    scans = []
+    for i in range(3):
+        path = str(tmp_path / f"scan{i}.nii.gz")
+        nib.save(nib.Nifti1Image(phantom_hu((32, 32, 32), 0.8 + 0.1 * i, rng).astype(np.float32),
+                                 np.eye(4)), path)
+        scans.append(path)
+    bad = str(tmp_path / "bad.nii.gz")
+    with open(bad, "wb") as f:
+        f.write(b"garbage")
+    expected = gan.encode(np.stack([preprocess_file(p, 32)[0][..., None] for p in scans])).numpy()
+
+    for rest, port in ((False, grpc_port), (True, rest_port)):
+        out = str(tmp_path / f"emb_{rest}.csv")
+        argv = ["--server", f"127.0.0.1:{port}", scans[0], bad, scans[1], scans[2], "--batch", "2",
+                "--out", out] + (["--rest"] if rest else [])
+        assert encode_main(argv) == 1  # one scan failed; the others are written
+        assert "skipped " + bad in capsys.readouterr().err
+        with open(out) as f:
+            rows = list(csv.reader(f))
+        assert rows[0] == ["scan"] + [f"z{i}" for i in range(16)]
+        assert [r[0] for r in rows[1:]] == scans
+        np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], np.float32), expected,
+                                   rtol=1e-4, atol=1e-4)

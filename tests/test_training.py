@@ -1,0 +1,171 @@
+"""Issue 3: the four-update step, distribution, resume, the hagan-train CLI."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+
+from hagan_tf import HAGAN, HAGANConfig
+from hagan_tf.data.pipeline import make_dataset
+from hagan_tf.data.records import ShardWriter
+from hagan_tf.data.synthetic import write_synthetic_dataset
+from hagan_tf.training.cli import main as train_main
+from hagan_tf.training.cli import train
+
+
+def tiny(**kw):
+    base = dict(size=32, width=0.125, latent_dim=16, batch_size=2, checkpoint_every=2,
+                log_every=1, image_every=2)
+    return HAGANConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_synthetic_dataset(str(tmp_path_factory.mktemp("data")), n=8, size=32, num_classes=2)
+
+
+def _snapshot(variables):
+    return [v.numpy().copy() for v in variables]
+
+
+def _changed(before, variables):
+    return [not np.array_equal(b, v.numpy()) for b, v in zip(before, variables)]
+
+
+@pytest.mark.parametrize("classes", [0, 2])
+def test_each_update_changes_only_its_own_variables(data, classes):
+    cfg = tiny(num_classes=classes)
+    gan = HAGAN(cfg)
+    gan.compile()
+    batch = next(iter(make_dataset(data, 2, size=32, shuffle=0)))
+    volume, labels = batch["volume"], batch["label"] if classes else None
+    crop = gan.draw_crop(0)
+    slab, low = gan.real_slab(volume, crop), gan.real_low_res(volume)
+    nets = {"G": gan.generator, "D": gan.discriminator, "E^H": gan.encoder.high_res,
+            "E^G": gan.encoder.ground}
+    opts = {"G": gan.g_optimizer, "D": gan.d_optimizer, "E^H": gan.eh_optimizer,
+            "E^G": gan.eg_optimizer}
+    updates = {
+        "D": lambda: gan.d_update(slab, low, labels, crop, 0, 2.0),
+        "G": lambda: gan.g_update(labels, crop, 0, 2, 2.0),
+        "E^H": lambda: gan.eh_update(slab, 2.0),
+        "E^G": lambda: gan.eg_update(volume, slab, low, labels, crop, 2.0),
+    }
+    for name, update in updates.items():
+        before = {k: _snapshot(n.trainable_variables) for k, n in nets.items()}
+        steps = {k: int(o.iterations.numpy()) for k, o in opts.items()}
+        logs = update()
+        assert all(np.isfinite(float(v)) for v in logs.values())
+        for k, net in nets.items():
+            changed = _changed(before[k], net.trainable_variables)
+            if k == name:
+                assert any(changed), f"update {name} changed nothing"
+            else:
+                assert not any(changed), f"update {name} changed {k}'s variables"
+            assert int(opts[k].iterations.numpy()) == steps[k] + (k == name)
+
+
+def test_crop_is_shared_multiple_of_four_and_in_range():
+    gan = HAGAN(tiny())
+    crops = {int(gan.draw_crop(s)) for s in range(64)}
+    assert crops <= set(range(0, 29, 4)) and len(crops) == 8  # all 8 aligned starts occur
+    assert int(gan.draw_crop(5)) == int(gan.draw_crop(5))
+
+
+def test_mirrored_strategy_two_replicas(data):
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    if len(devices) < 2:
+        pytest.fail("conftest.py must configure 2 logical CPU devices before TF initialises")
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        gan = HAGAN(tiny(batch_size=4))
+        gan.compile()
+    ds = make_dataset(data, 4, size=32).map(lambda r: {"volume": r["volume"], "label": r["label"]})
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            opts = (gan.g_optimizer, gan.d_optimizer, gan.eh_optimizer, gan.eg_optimizer)
+            seen.append(([int(o.iterations.numpy()) for o in opts], dict(logs)))
+
+    gan.fit(ds, steps_per_epoch=3, epochs=1, verbose=0, callbacks=[Record()])
+    assert [s for s, _ in seen] == [[1] * 4, [2] * 4, [3] * 4]
+    assert all(np.isfinite(float(v)) for _, logs in seen for v in logs.values())
+    for v in gan.weights:
+        values = strategy.experimental_local_results(v.value)
+        assert len(values) == 2
+        np.testing.assert_array_equal(values[0].numpy(), values[1].numpy(), err_msg=v.path)
+
+
+def _weights(run):
+    from hagan_tf.run import load_hagan
+
+    model, step = load_hagan(run)
+    return step, [w.numpy() for w in model.weights]
+
+
+def test_resume_continues_and_matches_uninterrupted_run(data, tmp_path):
+    cfg = tiny(max_steps=4)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    strategy = tf.distribute.get_strategy()
+    assert train(cfg, data, a, strategy, progress=False)["step"] == 4
+    assert train(cfg.replace(max_steps=2), data, b, strategy, progress=False)["step"] == 2
+    resumed = train(cfg, data, b, strategy, progress=False)
+    assert resumed["step"] == 4 and resumed["checkpoint"].endswith("ckpt-4")
+    (sa, wa), (sb, wb) = _weights(a), _weights(b)
+    assert sa == sb == 4
+    for x, y in zip(wa, wb):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_a_different_model(data, tmp_path):
+    run = str(tmp_path / "run")
+    train(tiny(max_steps=1), data, run, tf.distribute.get_strategy(), progress=False)
+    with pytest.raises(ValueError, match="latent_dim"):
+        train(tiny(max_steps=2).replace(latent_dim=32), data, run, progress=False)
+
+
+def test_cli_writes_checkpoints_tensorboard_and_config(data, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    rc = train_main(["--config", "tiny_32", "--data", data, "--out", run, "--max-steps", "3",
+                     "--set", "checkpoint_every=2", "--set", "image_every=1", "--strategy",
+                     "default", "--no-progress"])
+    assert rc == 0
+    ckpts = sorted(os.listdir(os.path.join(run, "checkpoints")))
+    assert any(c.startswith("ckpt-2.") for c in ckpts) and any(c.startswith("ckpt-3.") for c in ckpts)
+    assert HAGANConfig.from_yaml(os.path.join(run, "config.yaml")).max_steps == 3
+    events = [f for f in os.listdir(os.path.join(run, "tensorboard")) if "tfevents" in f]
+    assert events
+    tags = set()
+    for e in tf.compat.v1.train.summary_iterator(os.path.join(run, "tensorboard", events[0])):
+        tags |= {v.tag for v in e.summary.value}
+    for tag in ("loss/d_loss", "loss/g_loss", "loss/eh_loss", "loss/eg_loss", "learning_rate/g",
+                "time/step_seconds", "real/axial", "fake_slab/coronal", "fake_volume/sagittal",
+                "reconstruction/axial"):
+        assert tag in tags, tag
+
+
+def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
+    assert train_main(["--config", "nope", "--data", data, "--out", str(tmp_path / "r")]) == 2
+    assert "no config file or preset" in capsys.readouterr().err
+    rc = train_main(["--config", "tiny_32", "--set", "size=64", "--data", data,
+                     "--out", str(tmp_path / "r")])
+    assert rc == 2 and "size is 64" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_its_name_and_step_and_keeps_last_checkpoint(data, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    cfg = tiny(max_steps=2)
+    train(cfg, data, run, tf.distribute.get_strategy(), progress=False)
+    bad = str(tmp_path / "nan")
+    with ShardWriter(bad, 1) as w:
+        for i in range(4):
+            w.write(np.full((32, 32, 32), np.nan, np.float32), f"nan{i}", dtype="float32")
+    result = train(cfg.replace(max_steps=4), bad, run, tf.distribute.get_strategy(), progress=False)
+    assert result["error"] and "at step 3" in result["error"]
+    assert result["error"].split()[1] in {"d_loss", "d_real", "d_fake", "g_loss", "eh_loss", "eg_loss"}
+    assert result["checkpoint"].endswith("ckpt-2")
