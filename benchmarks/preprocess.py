@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if args.volumes < 1 or min(args.workers) < 1:
         p.error("--volumes and --workers must be positive")
 
-    rows = []
+    rows, load_before = [], os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         scans = os.path.join(tmp, "scans")
         os.makedirs(scans)
@@ -92,14 +92,16 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "preprocess", "volumes": args.volumes,
         "scan": f"512x512x({depths.min()}..{depths.max()}) int16 .nii.gz",
-        "machine": {"cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2),
+        "machine": {"cpus": os.cpu_count(),
+                    "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                     "python": platform.python_version(), "platform": platform.platform()},
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{args.volumes} scans of {result['scan']}, {os.cpu_count()} CPUs\n")
+    print(f"\n{args.volumes} scans of {result['scan']}, {os.cpu_count()} CPUs, load average "
+          f"{result['machine']['load_avg_1m_before_after']} (before, after)\n")
     print("| S | mode | workers | seconds | volumes/s |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['mode']} | {r['workers']} | {r['seconds']} | {r['volumes_per_s']} |")

@@ -121,23 +121,55 @@ def group_norm(name=None):
     return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, name=name)
 
 
-# Nearest x2 upsampling followed by a 'same' 3-tap convolution equals a stride-2 transposed
-# convolution with 4 taps on the original signal: tap j of the latter sums the taps of the
-# former that read the same input voxel (rows: 4 new taps, columns: 3 original taps).
-_UPSAMPLE_TAPS = np.array([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], np.float32)
+# Nearest x2 upsampling followed by a 'same' 3^3 convolution reads, for each output parity p
+# along an axis, only the input voxels i-1+p and i+p: output 2i+p is a 2-tap convolution of the
+# original signal whose taps sum the original taps landing on the same input voxel.
+# _PARITY_TAPS[p, t, j]: original tap t (offsets -1, 0, +1) -> input offset j (-1, 0, +1).
+_PARITY_TAPS = np.array([[[1, 0, 0], [0, 1, 0], [0, 1, 0]],
+                         [[0, 1, 0], [0, 1, 0], [0, 0, 1]]], np.float32)
+
+
+def _per_parity_kernels(kernel, taps):
+    """[3,3,3,in,out] kernel, taps [P,3,J] -> [P,P,P, J,J,J, in, out], one spatial axis at a time."""
+    k = kernel
+    for _ in range(3):  # contracts the leading spatial axis, appends (P, J)
+        k = tf.tensordot(k, taps, axes=[[0], [1]])
+    return tf.transpose(k, [2, 4, 6, 3, 5, 7, 0, 1])
+
+
+def _weights_dominate(x) -> bool:
+    """Below 8^3 input voxels (G^A's first upsampling, 512 channels) deriving the 8 parity
+    kernels costs more than it saves: upsample and convolve directly there."""
+    dims = x.shape[1:4]
+    return all(n is not None for n in dims) and int(np.prod(dims)) < 512
 
 
 def upsample_conv3d(x, kernel):
-    """conv3d(nearest_upsample_x2(x), kernel, 'SAME') for a 3^3 kernel, without the upsampling.
+    """conv3d(nearest_upsample_x2(x), kernel, 'SAME') for a 3^3 kernel, without upsampling.
 
-    The same function (up to float rounding) at 8/27 of the multiply-adds and without the 8x
-    larger upsampled tensor: G^H's last layer at 256^3 otherwise materialises 2 GiB.
+    The same function (up to float rounding) that never materialises the 8x larger upsampled
+    tensor (2 GiB in G^H's last layer at 256^3). Wide outputs: eight 2^3 convolutions, one per
+    output parity, at 8/27 of the multiply-adds. Narrow outputs (G^H's last layer, 1 channel),
+    where eight tiny convolutions are slow on CPU: one 3^3 convolution with the 8 parities as
+    output channels. (TF's conv3d_transpose would do it in one op but is 100x slower on CPU
+    for batches larger than one.)
     """
-    t = tf.constant(_UPSAMPLE_TAPS, dtype=kernel.dtype)
-    k4 = tf.einsum("ai,bj,cl,ijlmn->abcnm", t, t, t, kernel)  # [4,4,4,out,in]
     shape = tf.shape(x)
-    out = tf.stack([shape[0], 2 * shape[1], 2 * shape[2], 2 * shape[3], tf.shape(kernel)[-1]])
-    return tf.nn.conv3d_transpose(x, k4, out, strides=[1, 2, 2, 2, 1], padding="SAME")
+    b, d, h, w = shape[0], shape[1], shape[2], shape[3]
+    c_in, c_out = kernel.shape[-2], kernel.shape[-1]
+    taps = _PARITY_TAPS if c_out < 8 else np.stack([_PARITY_TAPS[p][:, p:p + 2] for p in (0, 1)])
+    k = _per_parity_kernels(kernel, tf.constant(taps, dtype=kernel.dtype))
+    if c_out < 8:  # k: [p,q,r, 3,3,3, in, out] -> one 3^3 conv with (p,q,r,out) channels
+        k = tf.reshape(tf.transpose(k, [3, 4, 5, 6, 0, 1, 2, 7]), [3, 3, 3, c_in, 8 * c_out])
+        y = tf.nn.conv3d(x, k, [1] * 5, "SAME")
+    else:  # k: [p,q,r, 2,2,2, in, out] -> one VALID 2^3 conv per parity on a shifted window
+        xp = tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]])
+        y = tf.stack([tf.nn.conv3d(xp[:, p:p + d + 1, q:q + h + 1, r:r + w + 1], k[p, q, r],
+                                   [1] * 5, "VALID")
+                      for p in (0, 1) for q in (0, 1) for r in (0, 1)], axis=-2)
+    y = tf.reshape(y, [b, d, h, w, 2, 2, 2, c_out])
+    y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])  # interleave the parities
+    return tf.reshape(y, [b, 2 * d, 2 * h, 2 * w, c_out])
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
@@ -167,7 +199,9 @@ class ConvBlock(layers.Layer):
             self.norm.build(self.conv.compute_output_shape(shape))
 
     def call(self, x):
-        if self.upsample:
+        if self.upsample and _weights_dominate(x):
+            x = self.conv(ops.repeat(ops.repeat(ops.repeat(x, 2, 1), 2, 2), 2, 3))
+        elif self.upsample:
             x = upsample_conv3d(x, self.conv.kernel) + self.conv.bias
         else:
             x = self.conv(x)

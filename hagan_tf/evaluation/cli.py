@@ -98,6 +98,12 @@ class _Set:
         return np.concatenate(self.volumes[f])
 
 
+def _need_two(n, args):
+    if n < 2:
+        where = f"{args.real!r}" + (f" fold {args.fold}" if args.fold is not None else "")
+        raise ValueError(f"found {n} real volume(s) in {where}; need >= 2")
+
+
 def count_real(args, size) -> int | None:
     """Real volumes the manifest promises for this fold (None without a manifest); fails early."""
     shard_paths(args.real)  # raises FileNotFoundError for a directory without shards
@@ -109,9 +115,7 @@ def count_real(args, size) -> int | None:
     if bad:
         raise ValueError(f"{len(bad)} real volume(s) are not {size}^3 like the model (e.g. {bad[0]}); "
                          f"preprocess them at --size {size}")
-    if len(rows) < 2:
-        raise ValueError(f"found {len(rows)} real volume(s) in {args.real!r}"
-                         + (f" fold {args.fold}" if args.fold is not None else "") + "; need >= 2")
+    _need_two(len(rows), args)
     return min(len(rows), args.n)
 
 
@@ -131,7 +135,7 @@ def _real_batches(args, size):
             yield vol
             if seen >= args.n:
                 return
-    except tf.errors.InvalidArgumentError as e:
+    except tf.errors.OpError as e:  # wrong shape, corrupt or unreadable records
         raise ValueError(f"could not read {args.real!r}: {e.message.splitlines()[0]}") from e
 
 
@@ -155,7 +159,7 @@ def compute_metrics(real: _Set, gen: _Set, size: int, factors, ext, args) -> lis
                      mmd2(fr, fg, kernel=name.split("_")[1]))
             out.append(_entry(name, res, value, ext, real, gen, args.seed))
         for which, s in (("generated", gen), ("real", real)):
-            vols = s.vols(f)
+            vols = s.vols(f)[: args.ms_ssim_samples]
             out.append({**_entry(f"ms_ssim_{which}", res, ms_ssim_diversity(vols), ext, real, gen,
                                  args.seed, pairs=len(vols) * (len(vols) - 1) // 2),
                         "extractor": None, "extractor_description": "none (computed on voxels)"})
@@ -296,9 +300,7 @@ def main(argv=None) -> int:
             for vol in _real_batches(args, size):
                 real.add(vol)
                 bar.update(len(vol))
-        if real.n < 2:
-            raise ValueError(f"found {real.n} real volume(s) in {args.real!r}"
-                             + (f" fold {args.fold}" if args.fold is not None else "") + "; need >= 2")
+        _need_two(real.n, args)
         rng = np.random.default_rng(args.seed)
         z = rng.standard_normal((args.n, model.config.latent_dim)).astype(np.float32)
         k = model.config.num_classes

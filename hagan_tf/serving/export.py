@@ -30,7 +30,7 @@ import yaml
 from ..source import CONFIG_ASSET
 from . import DEFAULT_MODEL_NAME
 
-SEED_RNG_ALG = "philox"  # fixed, so a seed gives the same z on every device and TF version
+SEED_RNG_ALG = "philox"  # named, not "auto_select", which may pick another algorithm per device
 
 
 def seed_latents(seeds, latent_dim: int) -> tf.Tensor:
@@ -40,6 +40,11 @@ def seed_latents(seeds, latent_dim: int) -> tf.Tensor:
         lambda s: tf.random.stateless_normal([latent_dim], seed=tf.stack([s, tf.zeros_like(s)]),
                                              alg=SEED_RNG_ALG),
         seeds, fn_output_signature=tf.TensorSpec([latent_dim], tf.float32))
+
+
+def _f32(x):
+    """Outputs are float32 whatever policy the model was built under (mixed precision)."""
+    return tf.cast(x, tf.float32)
 
 
 class ServingModule(tf.Module):
@@ -73,17 +78,17 @@ class ServingModule(tf.Module):
 
     def generate(self, z, label=None):
         labels = self._checked_labels(label, tf.shape(z)[0])
-        return {"volume": self.nets.generator(z, labels=labels, training=False)}
+        return {"volume": _f32(self.nets.generator(z, labels=labels, training=False))}
 
     def generate_from_seed(self, seed, label=None):
         return self.generate(seed_latents(seed, self.config.latent_dim), label)
 
     def generate_preview(self, z, label=None):
         labels = self._checked_labels(label, tf.shape(z)[0])
-        return {"volume": self.nets.generator.preview(z, labels)}
+        return {"volume": _f32(self.nets.generator.preview(z, labels))}
 
     def encode(self, volume):
-        return {"z": self.nets.encoder(volume, training=False)}
+        return {"z": _f32(self.nets.encoder(volume, training=False))}
 
     def reconstruct(self, volume, label=None):
         return self.generate(self.encode(volume)["z"], label)

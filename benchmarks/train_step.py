@@ -1,0 +1,110 @@
+"""Seconds per training iteration (median after warm-up) and peak memory, batch 2, full width.
+
+    python benchmarks/train_step.py [--sizes 32 64 128 256] [--steps 3] [--policy float32]
+                                    [--jit] [--strategy default|mirrored]
+
+Each size runs in its own subprocess (peak RSS is its own). Prints a markdown table and writes
+benchmarks/results/train_step[-POLICY][-xla].json. On a GPU the same script reports GPU time;
+peak GPU memory comes from tf.config.experimental.get_memory_info.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def child(size, steps, policy, jit, strategy_kind, batch):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from hagan_tf import HAGAN, HAGANConfig
+    from hagan_tf.training.cli import make_strategy
+
+    keras.mixed_precision.set_global_policy(policy)
+    keras.utils.set_random_seed(0)
+    strategy = make_strategy(strategy_kind)
+    cfg = HAGANConfig(size=size, batch_size=batch, mixed_precision=policy, jit_compile=jit)
+    with strategy.scope():
+        gan = HAGAN(cfg)
+        gan.compile()
+    vol = tf.random.uniform((batch, size, size, size, 1), -1, 1, seed=0)
+    ds = tf.data.Dataset.from_tensors({"volume": vol}).repeat()
+    if strategy_kind != "default":
+        ds = strategy.experimental_distribute_dataset(ds)
+    it = iter(ds)
+    gan.make_train_function()
+    fn = gan.train_function
+    times = []
+    for _ in range(steps + 1):
+        t = time.perf_counter()
+        logs = fn(it)
+        float(np.asarray(logs["d_loss"]))  # wait for the step
+        times.append(time.perf_counter() - t)
+    out = {"size": size, "batch": batch, "policy": policy, "jit": jit, "strategy": strategy_kind,
+           "first_step_s": times[0], "median_step_s": float(np.median(times[1:])),
+           "steps": steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "losses_finite": bool(all(np.isfinite(float(np.asarray(v))) for v in logs.values()))}
+    if tf.config.list_physical_devices("GPU"):
+        out["peak_gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+        out["device"] = tf.config.experimental.get_device_details(
+            tf.config.list_physical_devices("GPU")[0]).get("device_name")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--steps", type=int, default=3, help="timed iterations after the warm-up one")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
+    p.add_argument("--jit", action="store_true", help="XLA-compile the step")
+    p.add_argument("--strategy", default="default", choices=["default", "mirrored"])
+    p.add_argument("--out")
+    p.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.policy, args.jit, args.strategy, args.batch)))
+        return 0
+    rows = []
+    for size in args.sizes:
+        cmd = [sys.executable, __file__, "--child", str(size), "--steps", str(args.steps),
+               "--batch", str(args.batch), "--policy", args.policy, "--strategy", args.strategy]
+        cmd += ["--jit"] if args.jit else []
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            rows.append({"size": size, "error": (res.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"done {size}: {rows[-1]}", file=sys.stderr)
+    tag = ("" if args.policy == "float32" else "-" + args.policy) + ("-xla" if args.jit else "")
+    out = args.out or os.path.join(HERE, "results", f"train_step{tag}.json")
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"),
+            "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=2)
+    print("| S | batch | policy | XLA | s/iteration (median) | first step s | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['size']} | {args.batch} | {args.policy} | {args.jit} | error: {r['error']} | | |")
+        else:
+            print(f"| {r['size']} | {r['batch']} | {r['policy']} | {r['jit']} | {r['median_step_s']:.2f}"
+                  f" | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
