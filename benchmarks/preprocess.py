@@ -5,7 +5,7 @@ at S = 128 and 256 for (a) a plain loop over `preprocess_file` and (b) `hagan-pr
 `--direct_running_mode multi_processing --direct_num_workers W` (one scan per shard, so every scan
 is a unit of parallel work; worker start-up included). Prints a markdown table and writes JSON.
 
-    python benchmarks/preprocess.py                       # 6 scans, S = 128 and 256, 1 and 2 workers
+    python benchmarks/preprocess.py              # 6 scans, S = 128 and 256, 1 and 2 workers
     python benchmarks/preprocess.py --volumes 4 --sizes 128 --workers 1
 """
 
@@ -63,12 +63,13 @@ def main(argv=None) -> int:
     p.add_argument("--volumes", type=int, default=6)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "preprocess.json"))
+    p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
+                                                  "preprocess.json"))
     args = p.parse_args(argv)
     if args.volumes < 1 or min(args.workers) < 1:
         p.error("--volumes and --workers must be positive")
 
-    rows, load_before = [], os.getloadavg()[0]
+    rows, load = [], [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory() as tmp:
         scans = os.path.join(tmp, "scans")
         os.makedirs(scans)
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         "benchmark": "preprocess", "volumes": args.volumes,
         "scan": f"512x512x({depths.min()}..{depths.max()}) int16 .nii.gz",
         "machine": {"cpus": os.cpu_count(),
-                    "load_avg_1m_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                    "load_avg_1m_before_after": [round(x, 2) for x in load + [os.getloadavg()[0]]],
                     "python": platform.python_version(), "platform": platform.platform()},
         "rows": rows,
     }
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
           f"{result['machine']['load_avg_1m_before_after']} (before, after)\n")
     print("| S | mode | workers | seconds | volumes/s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['mode']} | {r['workers']} | {r['seconds']} | {r['volumes_per_s']} |")
+        print(f"| {r['size']} | {r['mode']} | {r['workers']} | {r['seconds']} "
+              f"| {r['volumes_per_s']} |")
     print(f"\nwrote {args.json}")
     return 0
 

@@ -172,6 +172,7 @@ def test_mri_run_refuses_to_overwrite_and_replaces_with_overwrite(tmp_path, caps
 @pytest.mark.parametrize("extra, message", [
     (["--size", "48"], "power of two"),
     (["--size", "32", "--sise", "3"], "unrecognised arguments"),
+    (["--size", "32", "stray"], "unexpected arguments"),
     (["--size", "32", "--folds", "1"], "--folds"),
     (["--size", "32", "--window", "600", "-1024"], "LOW < HIGH"),
     (["--size", "32", "--labels", "/nonexistent/labels.csv"], "--labels"),
@@ -189,7 +190,8 @@ def test_bad_arguments_exit_2(tmp_path, capsys, extra, message):
 def test_no_input_or_unwritable_output_exit_2(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit) as e:
-        main(["--input", str(tmp_path / "*.nii.gz"), "--output", str(tmp_path / "o"), "--size", "32"])
+        main(["--input", str(tmp_path / "*.nii.gz"), "--output", str(tmp_path / "o"),
+              "--size", "32"])
     assert e.value.code == 2 and "matches no scans" in capsys.readouterr().err
     (tmp_path / "x.nii.gz").write_bytes(b"")
     with pytest.raises(SystemExit) as e:

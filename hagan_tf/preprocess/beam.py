@@ -1,4 +1,4 @@
-"""`hagan-preprocess`: a Beam job from NIfTI scans to training records that accounts for every input.
+"""`hagan-preprocess`: a Beam job from NIfTI scans to training records, accounting for every input.
 
 The launcher lists the inputs, joins labels and assigns folds and shards (all cheap, on file
 names); the pipeline groups the scans by shard and, per shard, runs the shared transform on each
@@ -119,7 +119,8 @@ def plan(paths: list[str], labels: dict[str, int] | None = None, folds: int = 0,
                 else:
                     entry["reason"] = f"no label for {sid!r} in the labels CSV"
         entries.append(entry)
-    usable = sorted((e for e in entries if "reason" not in e), key=lambda e: _rank(e["subject_id"], seed))
+    usable = sorted((e for e in entries if "reason" not in e),
+                    key=lambda e: _rank(e["subject_id"], seed))
     for i, entry in enumerate(usable):
         entry["fold"] = i % folds if folds else -1
     return entries
@@ -191,7 +192,7 @@ class WriteShard(beam.DoFn):
                 rows.append({"subject_id": entry["subject_id"], "label": entry["label"],
                              "fold": entry["fold"], "shard": name, "shape": list(volume.shape),
                              **meta})
-        gfile.rename(tmp, final, overwrite=True)  # rows are emitted only once their data is in place
+        gfile.rename(tmp, final, overwrite=True)  # rows go out only once their data is in place
         yield from rows
         yield from dead
 
@@ -271,9 +272,14 @@ def _progress(out_dir: str, shards: int, done: threading.Event):
 def _beam_options(parser, beam_args: list[str]):
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+    stray = [a for i, a in enumerate(beam_args) if not a.startswith("-")
+             and (i == 0 or not beam_args[i - 1].startswith("--") or "=" in beam_args[i - 1])]
+    if stray:
+        parser.error(f"unexpected arguments {stray} (quote globs given to --input)")
     options = PipelineOptions(beam_args)
     logging.getLogger("apache_beam.options.pipeline_options").setLevel(logging.ERROR)
-    unknown = set(options.get_all_options(retain_unknown_options=True)) - set(options.get_all_options())
+    unknown = (set(options.get_all_options(retain_unknown_options=True))
+               - set(options.get_all_options()))
     if unknown:
         parser.error("unrecognised arguments (neither ours nor Beam pipeline options): "
                      + ", ".join(f"--{u}" for u in sorted(unknown)))
@@ -284,7 +290,7 @@ def _beam_options(parser, beam_args: list[str]):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="hagan-preprocess",
+        prog="hagan-preprocess", allow_abbrev=False,
         description="Preprocess NIfTI scans (CT or MRI) into HA-GAN training records with Apache "
                     "Beam. Any other --option is passed to Beam (--runner, --direct_num_workers, "
                     "--flink_master, --project, ...); the DirectRunner is the default.",
@@ -305,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-extent", type=int, default=None, metavar="VOXELS",
                    help="refuse scans whose trimmed extent is below this along any axis "
                         "(default: S/4, i.e. at most 4x upsampling)")
-    p.add_argument("--labels", metavar="CSV", help="CSV with header 'name,label', joined on file name")
+    p.add_argument("--labels", metavar="CSV",
+                   help="CSV with the header 'name,label', joined on file name")
     p.add_argument("--folds", type=int, default=0, metavar="K",
                    help="assign K cross-validation folds by subject id (default: none)")
     p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
@@ -351,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     entries = plan(paths, labels, args.folds, args.fold_seed)
     shards = min(len(entries), args.shards or default_shards(len(entries), args.size, args.dtype))
     transform = dict(size=args.size, modality=args.modality, window=tuple(args.window),
-                     percentile=args.percentile, isotropic=args.isotropic, min_extent=args.min_extent)
+                     percentile=args.percentile, isotropic=args.isotropic,
+                     min_extent=args.min_extent)
     print(f"hagan-preprocess: {len(entries)} scans -> {shards} shards of {args.size}^3 "
           f"in {out_dir} ({options.get_all_options()['runner']})", file=sys.stderr)
     start = time.time()

@@ -156,7 +156,8 @@ def preprocess_array(volume, size: int, modality: str = "ct", window=CT_WINDOW,
         target = np.maximum(1, np.round(np.array(vol.shape) * np.asarray(spacing, float)
                                         / float(isotropic))).astype(int)
         if int(np.prod(target, dtype=np.int64)) > MAX_VOXELS:
-            raise ScanError(f"resampling to {isotropic} mm gives {tuple(target)}, over the voxel limit")
+            raise ScanError(f"resampling to {isotropic} mm gives {tuple(target)}: over the "
+                            "voxel limit")
         vol = _resample(vol, target)
         meta["resampled_shape"] = [int(s) for s in vol.shape]
 

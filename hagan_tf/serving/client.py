@@ -243,7 +243,8 @@ def _add_connection_args(p: argparse.ArgumentParser):
     p.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name (default: %(default)s)")
     p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
-    p.add_argument("--batch", type=int, default=4, help="volumes per request (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=4,
+                   help="volumes per request (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
 
 
@@ -290,7 +291,8 @@ def sample_main(argv=None) -> int:
         cfg = client.config()
         classes = int(cfg.get("num_classes", 0))
         if classes and args.label is None:
-            p.error(f"this model is class-conditional ({classes} classes): pass --label 0..{classes - 1}")
+            p.error(f"this model is class-conditional ({classes} classes): "
+                    f"pass --label 0..{classes - 1}")
         if not classes and args.label is not None:
             p.error("this model is not class-conditional: drop --label")
         if classes and not 0 <= args.label < classes:
@@ -385,7 +387,8 @@ def encode_main(argv=None) -> int:
                         f.flush()  # rows already encoded survive a later failure
                 bar.update(len(chunk))
     except ServingError as e:
-        print(f"hagan-encode: error: {e} ({written} rows written to {args.out})", file=sys.stderr)
+        kept = f" ({written} rows kept in {args.out})" if written else ""
+        print(f"hagan-encode: error: {e}{kept}", file=sys.stderr)
         return 1
     finally:
         client.close()

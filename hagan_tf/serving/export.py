@@ -59,7 +59,8 @@ class ServingModule(tf.Module):
 
     def __init__(self, gan):
         super().__init__(name="hagan")
-        self.weights = [v.value for v in list(gan.generator.variables) + list(gan.encoder.variables)]
+        variables = list(gan.generator.variables) + list(gan.encoder.variables)
+        self.weights = [v.value for v in variables]
         self.nets = types.SimpleNamespace(generator=gan.generator, encoder=gan.encoder)  # untracked
         self.config = gan.config_
         self._config_text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)

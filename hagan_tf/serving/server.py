@@ -128,7 +128,8 @@ class ModelRegistry:
             raise ServingError("NOT_FOUND", f"Servable not found for request: {what}")
         return servable
 
-    def status(self, name: str, version: int | None = None) -> get_model_status_pb2.GetModelStatusResponse:
+    def status(self, name: str,
+               version: int | None = None) -> get_model_status_pb2.GetModelStatusResponse:
         with self._lock:
             servable = self._models.get(name)
             failed = list(self._failed.items())
@@ -215,7 +216,8 @@ class Predictor:
         keep = set(output_filter) or set(result)
         return {k: np.asarray(v.numpy()) for k, v in result.items() if k in keep}
 
-    def metadata(self, servable: Servable, fields) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    def metadata(self, servable: Servable,
+                 fields) -> get_model_metadata_pb2.GetModelMetadataResponse:
         fields = list(fields)
         if fields != ["signature_def"]:
             raise ServingError("INVALID_ARGUMENT",
@@ -329,11 +331,13 @@ def _json_array(key: str, value, spec: tf.TensorSpec) -> np.ndarray:
     kinds = "iuf" if spec.dtype.is_floating else "iu" if spec.dtype.is_integer else "b"
     if arr.dtype.kind not in kinds:
         got = {"f": "floats", "b": "booleans", "U": "strings"}.get(arr.dtype.kind, "mixed values")
-        raise ServingError("INVALID_ARGUMENT", f"input {key!r} must be {spec.dtype.name}, got {got}")
+        raise ServingError("INVALID_ARGUMENT",
+                           f"input {key!r} must be {spec.dtype.name}, got {got}")
     if spec.dtype.is_integer and arr.size:
         info = np.iinfo(want)
         if arr.min() < info.min or arr.max() > info.max:
-            raise ServingError("INVALID_ARGUMENT", f"input {key!r} is out of {spec.dtype.name} range")
+            raise ServingError("INVALID_ARGUMENT",
+                               f"input {key!r} is out of {spec.dtype.name} range")
     return arr.astype(want)
 
 
@@ -395,8 +399,9 @@ class RestApp:
         if not isinstance(request, dict):
             raise ServingError("INVALID_ARGUMENT", "the request body must be a JSON object")
         if ("instances" in request) == ("inputs" in request):
-            raise ServingError("INVALID_ARGUMENT", "the request must have exactly one of "
-                                                   "'instances' (row format) or 'inputs' (columnar)")
+            raise ServingError("INVALID_ARGUMENT",
+                               "the request must have exactly one of 'instances' (row format) "
+                               "or 'inputs' (columnar)")
         sig_name = request.get("signature_name", "")
         if not isinstance(sig_name, str):
             raise ServingError("INVALID_ARGUMENT", "'signature_name' must be a string")
@@ -541,7 +546,11 @@ class Server:
         self.rest = None
         self.rest_port = None
         if rest_port is not None:
-            self.rest = _RestServer((host, rest_port), RestApp(self.predictor), max_request_bytes)
+            try:
+                self.rest = _RestServer((host, rest_port), RestApp(self.predictor),
+                                        max_request_bytes)
+            except OSError as e:
+                raise OSError(f"cannot bind REST to {host}:{rest_port}: {e}") from None
             self.rest_port = self.rest.server_address[1]
 
     def start(self) -> "Server":
