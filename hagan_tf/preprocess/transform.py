@@ -6,9 +6,9 @@ The Beam job (`hagan-preprocess`) and the serving client (`hagan-encode`) both c
 Steps (paper, Sec. IV-A, and the authors' reference script):
   1. read with nibabel, reorient with `as_closest_canonical` (RAS+) and transpose to [D, H, W]
      so that D is the superior-inferior (axial) axis, the axis slabs are cut along;
-  2. optionally resample to isotropic spacing;
-  3. CT: clip to the HU window (default [-1024, 600]); MRI: clip to [min, 99.9th percentile];
+  2. CT: clip to the HU window (default [-1024, 600]); MRI: clip to [min, 99.9th percentile];
      map linearly to [-1, 1], NaN becoming the lower bound;
+  3. optionally resample to isotropic spacing;
   4. trim leading and trailing blank axial slices (every voxel at the lower bound);
   5. resize to S^3 with linear interpolation (`scipy.ndimage.zoom`, order=1, voxel-grid aligned),
      after a Gaussian anti-aliasing filter along axes that shrink, as the reference's
