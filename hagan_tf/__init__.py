@@ -5,7 +5,16 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from .config import HAGANConfig  # noqa: E402
-from .gan import HAGAN  # noqa: E402
 
 __all__ = ["HAGANConfig", "HAGAN"]
+
+
+def __getattr__(name):
+    # HAGAN pulls in TensorFlow and Keras: import it on first use, so that TF-free tools
+    # (hagan-regress) and Beam workers that only need the transform start light.
+    if name == "HAGAN":
+        from .gan import HAGAN
+
+        return HAGAN
+    raise AttributeError(f"module 'hagan_tf' has no attribute {name!r}")
 __version__ = "0.1.0"

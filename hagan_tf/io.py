@@ -12,14 +12,15 @@ def save_nifti(volume, path: str, spacing: float | tuple = 1.0) -> str:
 
     Our arrays are [D, H, W] with D the axial axis; NIfTI's voxel axes are (x, y, z), so the
     array is written transposed to [W, H, D] with a diagonal RAS affine of the voxel spacing.
+    `spacing` is one number or a (D, H, W) triple in mm, in the arrays' own axis order.
     """
     import nibabel as nib
 
     v = np.asarray(volume, np.float32)
     if v.ndim == 4:
         v = v[..., 0]
-    sp = (spacing,) * 3 if np.isscalar(spacing) else tuple(spacing)
-    affine = np.diag([sp[0], sp[1], sp[2], 1.0])
+    sp_d, sp_h, sp_w = (spacing,) * 3 if np.isscalar(spacing) else tuple(spacing)
+    affine = np.diag([sp_w, sp_h, sp_d, 1.0])
     img = nib.Nifti1Image(np.ascontiguousarray(v.transpose(2, 1, 0)), affine)
     img.header.set_xyzt_units("mm")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

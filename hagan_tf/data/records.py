@@ -12,7 +12,6 @@ and `summary.json`. Each record is a `tf.train.Example` with:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -79,7 +78,8 @@ def decode_example(serialized: bytes) -> dict:
 
 
 def shard_paths(data_dir: str) -> list[str]:
-    paths = sorted(glob.glob(os.path.join(data_dir, SHARD_PATTERN)))
+    """Shards of a dataset directory, local or on any filesystem TF reads (gs://, hdfs://)."""
+    paths = sorted(tf.io.gfile.glob(os.path.join(data_dir, SHARD_PATTERN)))
     if not paths:
         raise FileNotFoundError(f"no {SHARD_PATTERN} shards in {data_dir!r}")
     return paths
@@ -87,9 +87,9 @@ def shard_paths(data_dir: str) -> list[str]:
 
 def read_manifest(data_dir: str) -> list[dict]:
     path = os.path.join(data_dir, MANIFEST)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         return []
-    with open(path) as f:
+    with tf.io.gfile.GFile(path) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
