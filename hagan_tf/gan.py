@@ -101,10 +101,11 @@ class _Training:
     def real_slab(self, volume, crop):
         return volume[:, crop:crop + self.config_.slab_depth]
 
-    def _apply(self, opt, tape, loss, variables):
-        scaled = opt.scale_loss(loss) if hasattr(opt, "scale_loss") else loss
-        grads = tape.gradient(scaled, variables)
-        opt.apply_gradients(zip(grads, variables))
+    def _apply(self, opt, tape, scaled_loss, variables):
+        """Apply the gradient of `scaled_loss`, which was scaled inside the tape (mixed_float16
+        loss scaling; a no-op otherwise), and which the optimizer unscales."""
+        grads = tape.gradient(scaled_loss, variables)
+        opt.apply_gradients(list(zip(grads, variables)))
 
     # -- the four updates; each takes the batch pieces and returns its logged values --
     def d_update(self, real_slab, real_low, labels, crop, step, global_b):
@@ -124,7 +125,8 @@ class _Training:
             out["d_real"] = _bce_sum(d_real, 1.0) / global_b
             out["d_fake"] = _bce_sum(d_fake, 0.0) / global_b
             loss = out["d_real"] + out["d_fake"] + out.get("d_class", 0.0)
-        self._apply(self.d_optimizer, tape, loss, self.discriminator.trainable_variables)
+            scaled = self.d_optimizer.scale_loss(loss)
+        self._apply(self.d_optimizer, tape, scaled, self.discriminator.trainable_variables)
         out["d_loss"] = loss
         return out
 
@@ -139,7 +141,8 @@ class _Training:
                 d_fake, c_fake = d_fake
                 out["g_class"] = _ce_sum(c_fake, labels) / global_b
             loss = _bce_sum(d_fake, 1.0) / global_b + cfg.lambda_class * out.get("g_class", 0.0)
-        self._apply(self.g_optimizer, tape, loss, self.generator.trainable_variables)
+            scaled = self.g_optimizer.scale_loss(loss)
+        self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables)
         out["g_loss"] = loss
         return out
 
@@ -148,7 +151,8 @@ class _Training:
         with tf.GradientTape() as tape:
             recon = self.generator.decode(self.encoder.high_res(real_slab, training=True))
             loss = _l1_sum_per_example(recon, real_slab) / global_b
-        self._apply(self.eh_optimizer, tape, loss, variables)
+            scaled = self.eh_optimizer.scale_loss(loss)
+        self._apply(self.eh_optimizer, tape, scaled, variables)
         return {"eh_loss": loss}
 
     def eg_update(self, volume, real_slab, real_low, labels, crop, global_b):
@@ -159,7 +163,8 @@ class _Training:
             slab, low = self.generator(z_hat, labels=labels, crop=crop)
             loss = (_l1_sum_per_example(slab, real_slab)
                     + _l1_sum_per_example(low, real_low)) / (2.0 * global_b)
-        self._apply(self.eg_optimizer, tape, loss, variables)
+            scaled = self.eg_optimizer.scale_loss(loss)
+        self._apply(self.eg_optimizer, tape, scaled, variables)
         return {"eg_loss": loss}
 
     def train_step(self, data):

@@ -19,11 +19,13 @@ CONFIG_ASSET = os.path.join("assets.extra", "hagan_config.yaml")
 
 
 def newest_version(model_base: str, name: str = "hagan") -> str:
+    from .serving.export import versions
+
     base = os.path.join(model_base, name)
-    versions = sorted(int(v) for v in os.listdir(base) if v.isdigit()) if os.path.isdir(base) else []
-    if not versions:
+    found = versions(base)
+    if not found:
         raise FileNotFoundError(f"no numbered version directory under {base!r}")
-    return os.path.join(base, str(versions[-1]))
+    return os.path.join(base, str(found[-1]))
 
 
 class RunModel:

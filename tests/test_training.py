@@ -169,3 +169,20 @@ def test_nan_loss_stops_with_its_name_and_step_and_keeps_last_checkpoint(data, t
     assert result["error"] and "at step 3" in result["error"]
     assert result["error"].split()[1] in {"d_loss", "d_real", "d_fake", "g_loss", "eh_loss", "eg_loss"}
     assert result["checkpoint"].endswith("ckpt-2")
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_step_is_finite(data, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        gan = HAGAN(tiny(mixed_precision=policy, num_classes=2))
+        gan.compile()
+        if policy == "mixed_float16":
+            assert isinstance(gan.g_optimizer, keras.optimizers.LossScaleOptimizer)
+        assert gan.generator.common.get_layer("fc").compute_dtype == policy.split("_")[1]
+        ds = make_dataset(data, 2, size=32).map(lambda r: {"volume": r["volume"], "label": r["label"]})
+        logs = gan.fit(ds, steps_per_epoch=2, epochs=1, verbose=0).history
+        assert all(np.isfinite(v[-1]) for v in logs.values()), logs
+        assert gan.generator.common.get_layer("fc").kernel.dtype == "float32"  # master weights
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
