@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import keras
-import tensorflow as tf
 from keras import layers, ops
 
 from .config import HAGANConfig

@@ -71,7 +71,7 @@ def _records(out):
 
 
 def test_every_input_is_written_once_or_dead_lettered(ct_run):
-    out, scans = ct_run["out"], ct_run["scans"]
+    out = ct_run["out"]
     recs = _records(out)
     ids = [r["subject_id"].decode() for _, r in recs]
     assert sorted(ids) == sorted(GOOD), "each good scan exactly once"

@@ -1,6 +1,5 @@
 """Issue 3: the four-update step, distribution, resume, the hagan-train CLI."""
 
-import json
 import os
 
 import numpy as np

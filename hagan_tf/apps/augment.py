@@ -22,7 +22,7 @@ from .common import AppError, add_model_args, iter_volumes, main_wrapper, markdo
 def downsample(volumes, size: int) -> np.ndarray:
     """[B, S, S, S, 1] -> [B, size, size, size, 1] by averaging f^3 blocks (f = S / size)."""
     v = np.asarray(volumes, np.float32)
-    b, s, f = v.shape[0], v.shape[1], v.shape[1] // size
+    b, f = v.shape[0], v.shape[1] // size
     return v.reshape(b, size, f, size, f, size, f, 1).mean(axis=(2, 4, 6)) if f > 1 else v
 
 
