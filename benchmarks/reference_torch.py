@@ -23,6 +23,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 
 def child(size: int, steps: int, batch: int) -> dict:
+    sys.path.insert(0, HERE)
+    from train_step import MemorySampler  # the same anonymous/file-backed split as ours
+
+    sampler = MemorySampler()
     import torch
     import torch.nn.functional as F
     from torch_reference import Discriminator, Encoder, Generator, SubEncoder
@@ -82,7 +86,8 @@ def child(size: int, steps: int, batch: int) -> dict:
         iteration(step)
         times.append(time.perf_counter() - t)
     times_sorted = sorted(times[1:])
-    return {"size": size, "batch": batch, "threads": torch.get_num_threads(),
+    peak = sampler.stop()
+    return {"peak_anon_mb": peak["RssAnon"], "peak_file_mb": peak["RssFile"],"size": size, "batch": batch, "threads": torch.get_num_threads(),
             "first_step_s": times[0], "median_step_s": times_sorted[len(times_sorted) // 2],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "torch": torch.__version__}
@@ -107,13 +112,13 @@ def main(argv=None):
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "reference_torch.json"), "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
-    print("| S | batch | torch s/iteration (median) | first step s | peak RSS MB |")
-    print("|---|---|---|---|---|")
+    print("| S | batch | torch s/iteration (median) | first step s | peak RSS MB | peak anon MB |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['size']} | {args.batch} | error: {r['error']} | | |")
+            print(f"| {r['size']} | {args.batch} | error: {r['error']} | | | |")
         else:
-            print(f"| {r['size']} | {r['batch']} | {r['median_step_s']:.2f} | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+            print(f"| {r['size']} | {r['batch']} | {r['median_step_s']:.2f} | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('peak_anon_mb', 0):.0f} |")
     return 0
 
 

@@ -22,8 +22,52 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def child(size, steps, policy, jit, strategy_kind, batch):
+class MemorySampler:
+    """Peak resident memory split into anonymous (heap: tensors, weights) and file-backed
+    (mapped shared libraries) pages, sampled from /proc/self/status (Linux) every 20 ms:
+    getrusage's peak RSS counts TensorFlow's ~0.5 GB of mapped library code too."""
+
+    def __init__(self, period=0.02):
+        import threading
+        self.peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self._thread.start()
+
+    def sample(self):
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    key = line.split(":")[0]
+                    if key in self.peak:
+                        self.peak[key] = max(self.peak[key], int(line.split()[1]) // 1024)
+        except OSError:
+            pass
+
+    def restart(self):
+        """Forget the peaks so far: the next ones are those of the steady-state iterations."""
+        before, self.peak = self.peak, dict.fromkeys(self.peak, 0)
+        self.sample()
+        return before
+
+    def _run(self, period):
+        while not self._stop.wait(period):
+            self.sample()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        return self.peak
+
+
+def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sampler = MemorySampler()
+    from hagan_tf.training import limit_heap_growth
+
+    if not heap_default:
+        limit_heap_growth()  # as hagan-train does
     import keras
     import numpy as np
     import tensorflow as tf
@@ -45,16 +89,23 @@ def child(size, steps, policy, jit, strategy_kind, batch):
     it = iter(ds)
     gan.make_train_function()
     fn = gan.train_function
-    times = []
-    for _ in range(steps + 1):
+    times, first_peak = [], None
+    for i in range(steps + 1):
+        if i == 1:
+            first_peak = sampler.restart()
         t = time.perf_counter()
         logs = fn(it)
         float(np.asarray(logs["d_loss"]))  # wait for the step
         times.append(time.perf_counter() - t)
     out = {"size": size, "batch": batch, "policy": policy, "jit": jit, "strategy": strategy_kind,
+           "heap": "glibc default" if heap_default else "limit_heap_growth",
            "first_step_s": times[0], "median_step_s": float(np.median(times[1:])),
            "steps": steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "losses_finite": bool(all(np.isfinite(float(np.asarray(v))) for v in logs.values()))}
+    peak = sampler.stop()
+    out["peak_anon_mb"] = max(peak["RssAnon"], first_peak["RssAnon"])
+    out["peak_file_mb"] = max(peak["RssFile"], first_peak["RssFile"])
+    out["steady_peak_rss_mb"], out["steady_peak_anon_mb"] = peak["VmRSS"], peak["RssAnon"]
     if tf.config.list_physical_devices("GPU"):
         out["peak_gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
         out["device"] = tf.config.experimental.get_device_details(
@@ -70,17 +121,21 @@ def main(argv=None):
     p.add_argument("--policy", default="float32", choices=["float32", "mixed_bfloat16", "mixed_float16"])
     p.add_argument("--jit", action="store_true", help="XLA-compile the step")
     p.add_argument("--strategy", default="default", choices=["default", "mirrored"])
+    p.add_argument("--heap-default", action="store_true",
+                   help="keep glibc's default malloc settings (hagan-train changes them)")
     p.add_argument("--out")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.policy, args.jit, args.strategy, args.batch)))
+        print(json.dumps(child(args.child, args.steps, args.policy, args.jit, args.strategy, args.batch,
+                              args.heap_default)))
         return 0
     rows = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--child", str(size), "--steps", str(args.steps),
                "--batch", str(args.batch), "--policy", args.policy, "--strategy", args.strategy]
         cmd += ["--jit"] if args.jit else []
+        cmd += ["--heap-default"] if args.heap_default else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             rows.append({"size": size, "error": (res.stderr.strip().splitlines() or ["?"])[-1]})
@@ -95,14 +150,14 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print("| S | batch | policy | XLA | s/iteration (median) | first step s | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| S | batch | policy | XLA | s/iteration (median) | first step s | peak RSS MB | peak anon MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['size']} | {args.batch} | {args.policy} | {args.jit} | error: {r['error']} | | |")
+            print(f"| {r['size']} | {args.batch} | {args.policy} | {args.jit} | error: {r['error']} | | | |")
         else:
             print(f"| {r['size']} | {r['batch']} | {r['policy']} | {r['jit']} | {r['median_step_s']:.2f}"
-                  f" | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+                  f" | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('peak_anon_mb', 0):.0f} |")
     return 0
 
 

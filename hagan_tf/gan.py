@@ -9,6 +9,7 @@ import tensorflow as tf
 from .config import HAGANConfig
 from .layers import SERIAL_PACKAGE
 from .models import Discriminator, Encoder, Generator
+from .optimizers import Adam
 
 
 # ----------------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ class _Training:
         cfg = self.config_
 
         def adam(lr):
-            return keras.optimizers.Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
+            return Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
 
         opts = [g_optimizer or adam(cfg.lr_g), d_optimizer or adam(cfg.lr_d),
                 eh_optimizer or adam(cfg.lr_eh), eg_optimizer or adam(cfg.lr_eg)]
@@ -79,18 +80,19 @@ class _Training:
     def draw_crop(self, step):
         """r for this iteration: a multiple of 4 in 0..7S/8, so real and fake slabs align.
 
-        Stateless in (seed, step): identical on every replica and after a resume.
+        Stateless in (seed, step): identical on every replica, after a resume and under XLA
+        (Philox named: "auto_select" picks another generator when XLA compiles the step).
         """
         hi = self.config_.max_crop // 4 + 1
         seed = tf.stack([tf.cast(self.config_.seed, tf.int64), tf.cast(step, tf.int64)])
-        return 4 * tf.random.stateless_uniform([], seed, 0, hi, dtype=tf.int32)
+        return 4 * tf.random.stateless_uniform([], seed, 0, hi, dtype=tf.int32, alg="philox")
 
     def draw_z(self, step, n, stream: int):
         """Latent draw, distinct per replica and per update, reproducible from (seed, step)."""
         rid, _ = _replica()
         a = tf.cast(self.config_.seed * 1009 + stream * 101, tf.int64) + tf.cast(rid, tf.int64) + 1
         seed = tf.stack([a, tf.cast(step, tf.int64)])
-        return tf.random.stateless_normal((n, self.config_.latent_dim), seed)
+        return tf.random.stateless_normal((n, self.config_.latent_dim), seed, alg="philox")
 
     def real_low_res(self, volume):
         """Real X^L: the volume downsampled by 4 (nearest, the paper's default, or area mean)."""
@@ -99,13 +101,20 @@ class _Training:
         return volume[:, ::4, ::4, ::4]
 
     def real_slab(self, volume, crop):
-        return volume[:, crop:crop + self.config_.slab_depth]
+        return tf.slice(volume, [0, crop, 0, 0, 0], [-1, self.config_.slab_depth, -1, -1, -1])
 
-    def _apply(self, opt, tape, scaled_loss, variables):
+    def _apply(self, opt, tape, scaled_loss, variables, out):
         """Apply the gradient of `scaled_loss`, which was scaled inside the tape (mixed_float16
-        loss scaling; a no-op otherwise), and which the optimizer unscales."""
+        loss scaling; a no-op otherwise), and which the optimizer unscales.
+
+        Returns the logged values `out` made to wait for the backward pass: train_step starts
+        the next update after them, so the executor cannot run the next forward pass alongside
+        this backward pass and hold both sets of activations at once.
+        """
         grads = tape.gradient(scaled_loss, variables)
         opt.apply_gradients(list(zip(grads, variables)))
+        with tf.control_dependencies(grads):
+            return {k: tf.identity(v) for k, v in out.items()}
 
     # -- the four updates; each takes the batch pieces and returns its logged values --
     def d_update(self, real_slab, real_low, labels, crop, step, global_b):
@@ -126,9 +135,8 @@ class _Training:
             out["d_fake"] = _bce_sum(d_fake, 0.0) / global_b
             loss = out["d_real"] + out["d_fake"] + out.get("d_class", 0.0)
             scaled = self.d_optimizer.scale_loss(loss)
-        self._apply(self.d_optimizer, tape, scaled, self.discriminator.trainable_variables)
         out["d_loss"] = loss
-        return out
+        return self._apply(self.d_optimizer, tape, scaled, self.discriminator.trainable_variables, out)
 
     def g_update(self, labels, crop, step, local_b, global_b):
         cfg = self.config_
@@ -142,9 +150,8 @@ class _Training:
                 out["g_class"] = _ce_sum(c_fake, labels) / global_b
             loss = _bce_sum(d_fake, 1.0) / global_b + cfg.lambda_class * out.get("g_class", 0.0)
             scaled = self.g_optimizer.scale_loss(loss)
-        self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables)
         out["g_loss"] = loss
-        return out
+        return self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables, out)
 
     def eh_update(self, real_slab, global_b):
         variables = self.encoder.high_res.trainable_variables
@@ -152,8 +159,7 @@ class _Training:
             recon = self.generator.decode(self.encoder.high_res(real_slab, training=True))
             loss = _l1_sum_per_example(recon, real_slab) / global_b
             scaled = self.eh_optimizer.scale_loss(loss)
-        self._apply(self.eh_optimizer, tape, scaled, variables)
-        return {"eh_loss": loss}
+        return self._apply(self.eh_optimizer, tape, scaled, variables, {"eh_loss": loss})
 
     def eg_update(self, volume, real_slab, real_low, labels, crop, global_b):
         variables = self.encoder.ground.trainable_variables
@@ -164,10 +170,10 @@ class _Training:
             loss = (_l1_sum_per_example(slab, real_slab)
                     + _l1_sum_per_example(low, real_low)) / (2.0 * global_b)
             scaled = self.eg_optimizer.scale_loss(loss)
-        self._apply(self.eg_optimizer, tape, scaled, variables)
-        return {"eg_loss": loss}
+        return self._apply(self.eg_optimizer, tape, scaled, variables, {"eg_loss": loss})
 
     def train_step(self, data):
+        data = keras.utils.unpack_x_y_sample_weight(data)[0]  # train_on_batch packs (x, y, w)
         volume = data["volume"] if isinstance(data, dict) else data
         labels = data.get("label") if isinstance(data, dict) and self.config_.num_classes else None
         volume = tf.cast(volume, self.compute_dtype)
@@ -178,10 +184,14 @@ class _Training:
         crop = self.draw_crop(step)
         real_slab = self.real_slab(volume, crop)
         real_low = self.real_low_res(volume)
-        logs = self.d_update(real_slab, real_low, labels, crop, step, global_b)
-        logs.update(self.g_update(labels, crop, step, local_b, global_b))
-        logs.update(self.eh_update(real_slab, global_b))
-        logs.update(self.eg_update(volume, real_slab, real_low, labels, crop, global_b))
+        updates = (lambda: self.d_update(real_slab, real_low, labels, crop, step, global_b),
+                   lambda: self.g_update(labels, crop, step, local_b, global_b),
+                   lambda: self.eh_update(real_slab, global_b),
+                   lambda: self.eg_update(volume, real_slab, real_low, labels, crop, global_b))
+        logs = {}
+        for update in updates:  # one after the other (see _apply)
+            with tf.control_dependencies(list(logs.values())):
+                logs.update(update())
         # Losses are this replica's share of the global-batch mean (so gradients add up across
         # replicas); report the replica's own mean instead, which fit() averages over replicas.
         scale = tf.cast(replicas, tf.float32)

@@ -66,8 +66,92 @@ class _SpectralNorm:
             v.assign(store[str(i)])
 
 
+_ONES = [1, 1, 1, 1, 1]
+
+
+def _same_pads(k: int, padding: str):
+    """(before, after) padding of one spatial axis for a stride-1 convolution."""
+    if padding == "VALID":
+        return (0, 0)
+    return ((k - 1) // 2, k - 1 - (k - 1) // 2)
+
+
+def _padded_conv(x, kernel, pads):
+    """Stride-1 VALID conv3d of x padded by pads [(before, after)] * 3 (no copy if 'SAME')."""
+    k = kernel.shape[:3]
+    if any(sum(p) for p in pads) and None not in k and list(pads) == [_same_pads(n, "SAME") for n in k]:
+        return tf.nn.conv3d(x, kernel, _ONES, "SAME")
+    if any(sum(p) for p in pads):
+        x = tf.pad(x, [(0, 0), *pads, (0, 0)])
+    return tf.nn.conv3d(x, kernel, _ONES, "VALID")
+
+
+def conv3d(x, kernel, strides=1, padding="SAME"):
+    """tf.nn.conv3d whose gradients are forward convolutions too.
+
+    TF's CPU Conv3DBackpropInput/Filter kernels build im2col buffers: a 2 x 32^3 x 128 -> 64
+    layer's backward takes ~0.9 GB of temporaries, which made G's backward pass the training
+    step's memory peak (and both are 1-3x slower than the forward). Here the input gradient is
+    dy convolved with the flipped kernel, and the kernel gradient x convolved with dy as the
+    filter (the batch becomes the channels), both on Eigen's patch-free forward convolution:
+    the same sums in another order. A stride-2 convolution (even kernel, even input) is first
+    turned into a stride-1 one on the space-to-depth input (exact), so it gets them too.
+    """
+    padding = padding.upper()
+    x, kernel = tf.convert_to_tensor(x), tf.convert_to_tensor(kernel)  # read variables here
+    k = kernel.shape[:3]
+    if strides != 1:
+        dims = x.shape[1:4]
+        if strides != 2 or any(n % 2 for n in k) or any(d is None or d % 2 for d in dims):
+            return tf.nn.conv3d(x, kernel, [1, strides, strides, strides, 1], padding)
+        if padding == "SAME":  # TF pads an even input by k - 2, split evenly
+            x = tf.pad(x, [(0, 0)] + [((n - 2) // 2, (n - 2) - (n - 2) // 2) for n in k] + [(0, 0)])
+        return conv3d(_space_to_depth(x), _kernel_to_depth(kernel), 1, "VALID")
+    pads = [_same_pads(n, padding) for n in k]
+
+    @tf.custom_gradient
+    def conv(x, kernel):
+        def grad(dy):
+            flipped = tf.transpose(tf.reverse(kernel, [0, 1, 2]), [0, 1, 2, 4, 3])
+            dx = _padded_conv(dy, flipped, [(n - 1 - b, n - 1 - a) for n, (b, a) in zip(k, pads)])
+            xt = tf.transpose(x, [4, 1, 2, 3, 0])  # [in, D, H, W, batch]
+            dk = _padded_conv(xt, tf.transpose(dy, [1, 2, 3, 0, 4]), pads)  # [in, k, k, k, out]
+            return dx, tf.transpose(dk, [1, 2, 3, 0, 4])
+        return _padded_conv(x, kernel, pads), grad
+
+    return conv(x, kernel)
+
+
+def _space_to_depth(x):
+    """[B, D, H, W, C] (even D, H, W) -> [B, D/2, H/2, W/2, 8C], channels ordered (p, q, r, C)."""
+    s = tf.shape(x)
+    c = x.shape[-1]
+    x = tf.reshape(x, [s[0], s[1] // 2, 2, s[2] // 2, 2, s[3] // 2, 2, c])
+    x = tf.transpose(x, [0, 1, 3, 5, 2, 4, 6, 7])
+    return tf.reshape(x, [s[0], s[1] // 2, s[2] // 2, s[3] // 2, 8 * c])
+
+
+def _kernel_to_depth(kernel):
+    """[2a, 2b, 2c, in, out] -> [a, b, c, 8 in, out] matching _space_to_depth's channels."""
+    a, b, c, i, o = kernel.shape
+    k = tf.reshape(kernel, [a // 2, 2, b // 2, 2, c // 2, 2, i, o])
+    k = tf.transpose(k, [0, 2, 4, 1, 3, 5, 6, 7])
+    return tf.reshape(k, [a // 2, b // 2, c // 2, 8 * i, o])
+
+
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
-class SNConv3D(_SpectralNorm, layers.Conv3D):
+class Conv3D(layers.Conv3D):
+    """keras Conv3D computed by `conv3d` (memory-lean gradients). Same weights and config."""
+
+    def convolution_op(self, inputs, kernel):
+        strides = set(self.strides)
+        if len(strides) != 1 or set(self.dilation_rate) != {1} or self.groups != 1:
+            return super().convolution_op(inputs, kernel)
+        return conv3d(inputs, kernel, strides.pop(), self.padding)
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class SNConv3D(_SpectralNorm, Conv3D):
     """Conv3D with spectral normalisation of its kernel (bias left alone, as in the reference)."""
 
     def build(self, input_shape):
@@ -96,25 +180,59 @@ class SNDense(_SpectralNorm, layers.Dense):
         return self.activation(out) if self.activation is not None else out
 
 
-@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
-class GroupNorm(layers.GroupNormalization):
-    """Channels-last GroupNormalization whose moments are reduced over contiguous memory.
+def _group_mean(x):
+    """Mean of x [B, N, G, Cg] per (B, G) -> [B, 1, G, 1], reduced over contiguous memory.
 
-    TF's CPU kernels sum over outer axes one element at a time: at 32^3 x 128 Keras's layer puts
-    ~2e-4 relative error on the variance (3e-4 on G's output against the PyTorch reference) and
-    is 2-3x slower than gathering each group's values first.
+    TF's CPU kernels sum over outer axes one element at a time: at 32^3 x 128 that puts ~2e-4
+    relative error on the variance (3e-4 on G's output against the PyTorch reference) and is
+    2-3x slower than gathering each group's values first.
+    """
+    m = tf.reduce_mean(tf.transpose(x, [0, 2, 1, 3]), axis=[2, 3], keepdims=True)
+    return tf.transpose(m, [0, 2, 1, 3])
+
+
+def group_norm_op(x, gamma, beta, groups, epsilon):
+    """GroupNorm over channels-last x, in float32, with a hand-written gradient.
+
+    Autodiff of the normalisation keeps three more activation-sized tensors per layer (the
+    centred, the normalised and the gathered input) for the backward pass; this gradient keeps
+    only x and recomputes the normalised values from it, as PyTorch's fused kernel does.
     """
 
+    @tf.custom_gradient
+    def norm(x, gamma, beta):
+        shape, c = tf.shape(x), x.shape[-1]
+        xr = tf.reshape(tf.cast(x, tf.float32), [shape[0], -1, groups, c // groups])
+        mean = _group_mean(xr)
+        inv = tf.math.rsqrt(_group_mean(tf.square(xr - mean)) + epsilon)
+
+        def normalized():
+            return (xr - mean) * inv
+
+        y = tf.reshape(normalized(), shape) * gamma + beta
+
+        def grad(dy):
+            dy = tf.cast(dy, tf.float32)
+            xhat = normalized()
+            dy_r = tf.reshape(dy, tf.shape(xr))
+            d_gamma = tf.reduce_sum(tf.reshape(dy_r * xhat, [-1, c]), axis=0)
+            d_beta = tf.reduce_sum(tf.reshape(dy, [-1, c]), axis=0)
+            d_xhat = dy_r * tf.reshape(gamma, [groups, c // groups])
+            dx = (d_xhat - _group_mean(d_xhat) - xhat * _group_mean(d_xhat * xhat)) * inv
+            return tf.cast(tf.reshape(dx, shape), x.dtype), d_gamma, d_beta
+
+        return tf.cast(y, x.dtype), grad
+
+    return norm(x, gamma, beta)
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class GroupNorm(layers.GroupNormalization):
+    """Channels-last GroupNormalization computed by `group_norm_op` (same weights and config)."""
+
     def call(self, inputs):
-        shape = ops.shape(inputs)
-        c = inputs.shape[-1]
-        x = ops.reshape(ops.cast(inputs, "float32"), (shape[0], -1, self.groups, c // self.groups))
-        mean, var = ops.moments(ops.transpose(x, (0, 2, 1, 3)), axes=(2, 3), keepdims=True)
-        mean = ops.transpose(mean, (0, 2, 1, 3))
-        inv = ops.transpose(ops.rsqrt(var + self.epsilon), (0, 2, 1, 3))
-        y = ops.reshape((x - mean) * inv, shape)
-        y = y * ops.cast(self.gamma, "float32") + ops.cast(self.beta, "float32")
-        return ops.cast(y, inputs.dtype)
+        return group_norm_op(inputs, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
+                             self.groups, self.epsilon)
 
 
 def group_norm(name=None):
@@ -161,11 +279,11 @@ def upsample_conv3d(x, kernel):
     k = _per_parity_kernels(kernel, tf.constant(taps, dtype=kernel.dtype))
     if c_out < 8:  # k: [p,q,r, 3,3,3, in, out] -> one 3^3 conv with (p,q,r,out) channels
         k = tf.reshape(tf.transpose(k, [3, 4, 5, 6, 0, 1, 2, 7]), [3, 3, 3, c_in, 8 * c_out])
-        y = tf.nn.conv3d(x, k, [1] * 5, "SAME")
+        y = conv3d(x, k)
     else:  # k: [p,q,r, 2,2,2, in, out] -> one VALID 2^3 conv per parity on a shifted window
         xp = tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]])
-        y = tf.stack([tf.nn.conv3d(xp[:, p:p + d + 1, q:q + h + 1, r:r + w + 1], k[p, q, r],
-                                   [1] * 5, "VALID")
+        y = tf.stack([conv3d(xp[:, p:p + d + 1, q:q + h + 1, r:r + w + 1], k[p, q, r],
+                             padding="VALID")
                       for p in (0, 1) for q in (0, 1) for r in (0, 1)], axis=-2)
     y = tf.reshape(y, [b, d, h, w, 2, 2, 2, c_out])
     y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])  # interleave the parities
@@ -187,7 +305,7 @@ class ConvBlock(layers.Layer):
         self.padding, self.upsample, self.post = padding, upsample, post
         if upsample and (kernel_size != 3 or strides != 1 or padding != "same"):
             raise ValueError("upsampling blocks are 3^3, stride 1, 'same' convolutions")
-        self.conv = layers.Conv3D(filters, kernel_size, strides=strides, padding=padding, name="conv")
+        self.conv = Conv3D(filters, kernel_size, strides=strides, padding=padding, name="conv")
         self.norm = group_norm("norm") if post == "gn_relu" else None
 
     def build(self, input_shape):

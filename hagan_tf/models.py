@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 from keras import layers, ops
 
 from .config import HAGANConfig
@@ -102,7 +103,7 @@ class Generator(_Network):
         """The slab of A that G^H turns into the sub-volume starting at slice `crop`."""
         depth = self.config_.size // 32
         start = ops.cast(crop, "int32") // 4
-        return a[:, start:start + depth]
+        return tf.slice(a, [0, start, 0, 0, 0], [-1, depth, -1, -1, -1])  # static depth (XLA)
 
     def decode(self, a, training=False):
         """G^H on given features: a whole A gives [S, S, S], a slab of A gives its slab."""

@@ -214,3 +214,70 @@ def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out):
     for var in (x, k):
         ga, gb = tape.gradient(la, var), tape.gradient(lb, var)
         np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(ga))))
+
+
+@pytest.mark.parametrize("shape,kernel,strides,padding", [
+    ((2, 8, 6, 10, 3), 3, 1, "SAME"),     # ConvBlock
+    ((2, 5, 7, 6, 3), 2, 1, "VALID"),     # the parity convolutions of upsample_conv3d
+    ((1, 4, 4, 4, 2), 2, 1, "SAME"),      # even kernel, uneven SAME padding
+    ((2, 5, 7, 6, 2), 4, 1, "VALID"),     # D^L's and E^G's last layers
+    ((2, 8, 6, 10, 3), 4, 2, "SAME"),     # D, E^H, E^G: stride 2 via space-to-depth
+    ((1, 8, 8, 8, 3), 4, 2, "VALID"),
+    ((2, 9, 9, 9, 2), 4, 2, "SAME"),      # odd input: TF's own strided convolution
+])
+def test_conv3d_values_and_gradients_equal_tf(shape, kernel, strides, padding):
+    from hagan_tf.layers import conv3d
+
+    x = tf.random.stateless_normal(shape, [1, 2])
+    k = tf.random.stateless_normal((kernel,) * 3 + (shape[-1], 5), [3, 4])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch([x, k])
+        ref = tf.nn.conv3d(x, k, [1, strides, strides, strides, 1], padding)
+        out = conv3d(x, k, strides, padding)
+        l_ref, l_out = tf.reduce_sum(tf.sin(ref)), tf.reduce_sum(tf.sin(out))
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for var in (x, k):
+        g_ref, g_out = tape.gradient(l_ref, var), tape.gradient(l_out, var)
+        np.testing.assert_allclose(g_out, g_ref, rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(g_ref))))
+
+
+def test_conv_layers_use_the_lean_convolution_and_keep_their_weights():
+    from hagan_tf.layers import Conv3D, ConvBlock, SNConv3D
+
+    block = ConvBlock(8, 4, 2)
+    block.build((None, 8, 8, 8, 2))
+    assert isinstance(block.conv, Conv3D) and issubclass(SNConv3D, Conv3D)
+    assert [w.shape for w in block.conv.weights] == [(4, 4, 4, 2, 8), (8,)]
+    x = tf.random.stateless_normal((2, 8, 8, 8, 2), [9, 9])
+    ref = keras.layers.Conv3D(8, 4, strides=2, padding="same")
+    ref.build(x.shape)
+    ref.set_weights(block.conv.get_weights())
+    np.testing.assert_allclose(block.conv(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_values_and_gradients_equal_autodiff():
+    from hagan_tf.layers import group_norm_op
+
+    x = tf.random.stateless_normal((2, 3, 4, 5, 16), [1, 1]) * 3 + 1
+    gamma = tf.random.stateless_normal((16,), [2, 2])
+    beta = tf.random.stateless_normal((16,), [3, 3])
+
+    def naive(x, gamma, beta):  # float64 autodiff of the definition
+        xr = tf.reshape(x, (2, -1, 8, 2))
+        mean, var = tf.nn.moments(xr, axes=[1, 3], keepdims=True)
+        return tf.reshape((xr - mean) / tf.sqrt(var + 1e-5), x.shape) * gamma + beta
+
+    args = (x, gamma, beta)
+    args64 = [tf.cast(a, tf.float64) for a in args]
+    w = tf.sin(tf.range(x.shape.num_elements(), dtype=tf.float32)) + 0.5
+    w = tf.reshape(w, x.shape)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(args + tuple(args64))
+        out = group_norm_op(*args, groups=8, epsilon=1e-5)
+        ref = naive(*args64)
+        l_out, l_ref = tf.reduce_sum(out * w), tf.reduce_sum(ref * tf.cast(w, tf.float64))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    for a, a64 in zip(args, args64):
+        g, g_ref = tape.gradient(l_out, a), tape.gradient(l_ref, a64)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(g_ref))))

@@ -185,3 +185,38 @@ def test_mixed_precision_step_is_finite(data, policy):
         assert gan.generator.common.get_layer("fc").kernel.dtype == "float32"  # master weights
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_adam_without_first_moment_slot_matches_keras_adam():
+    from hagan_tf.optimizers import Adam
+
+    grads = [tf.random.stateless_normal((3, 4), [i, 0]) for i in range(5)]
+    for beta_1, slots in ((0.0, 1), (0.5, 2)):
+        ours, ref = Adam(1e-2, beta_1=beta_1), keras.optimizers.Adam(1e-2, beta_1=beta_1)
+        w_ours, w_ref = keras.Variable(tf.ones((3, 4))), keras.Variable(tf.ones((3, 4)))
+        ours.build([w_ours])
+        ref.build([w_ref])
+        # one slot per weight when beta_1 == 0 (m would equal the gradient), two otherwise
+        assert len(ours.variables) - 2 == slots * 1 and len(ref.variables) - 2 == 2
+        for g in grads:
+            ours.apply_gradients([(g, w_ours)])
+            ref.apply_gradients([(g, w_ref)])
+        assert not np.allclose(w_ours.numpy(), 1.0)
+        np.testing.assert_allclose(w_ours.numpy(), w_ref.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_xla_compiled_step_runs_and_scores_real_data_alike(data):
+    """jit_compile=True compiles the whole iteration (static slab shapes via tf.slice) and D's
+    score of the real batch, from the same initial weights, equals the graph step's.
+    (d_fake differs by ~5% at this tiny width: not yet explained, see RESULTS.md.)"""
+    ds = make_dataset(data, 2, size=32).map(lambda r: {"volume": r["volume"]})
+    batch = next(iter(ds))
+    logs = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        gan = HAGAN(tiny(jit_compile=jit))
+        gan.compile()
+        logs.append(gan.train_on_batch(batch, return_dict=True))
+    assert logs[0].keys() == logs[1].keys()
+    assert all(np.isfinite(v) for v in logs[1].values()), logs[1]
+    np.testing.assert_allclose(logs[1]["d_real"], logs[0]["d_real"], rtol=1e-4)

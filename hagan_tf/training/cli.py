@@ -6,14 +6,18 @@ import argparse
 import os
 import sys
 
-import keras
-import tensorflow as tf
+from . import limit_heap_growth
+
+limit_heap_growth()  # before TensorFlow starts its threads
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
-from ..config import HAGANConfig
-from ..data.pipeline import make_dataset
-from ..data.records import parse_example, shard_paths
-from .callbacks import Checkpointer, Monitor
+from ..config import HAGANConfig  # noqa: E402
+from ..data.pipeline import make_dataset  # noqa: E402
+from ..data.records import parse_example, shard_paths  # noqa: E402
+from .callbacks import Checkpointer, Monitor  # noqa: E402
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every"}

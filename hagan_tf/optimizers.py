@@ -1,0 +1,44 @@
+"""Adam for the paper's beta_1 = 0, without the first-moment slot."""
+
+from __future__ import annotations
+
+import keras
+from keras import ops
+
+from .layers import SERIAL_PACKAGE
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class Adam(keras.optimizers.Adam):
+    """keras Adam that keeps no first-moment slot when beta_1 == 0 (HA-GAN's setting).
+
+    With beta_1 = 0 the first moment is the gradient itself, so the slot is a 4-byte-per-weight
+    copy of it: 320 MB for the full-width model, and Keras's m + (g - m) * 1 is not even exactly
+    g in floating point. The update is otherwise Keras's Adam (bias correction, epsilon outside
+    the square root); any other beta_1, or amsgrad, runs Keras's code unchanged.
+    """
+
+    def _moment_free(self):
+        return self.beta_1 == 0 and not self.amsgrad
+
+    def build(self, var_list):
+        if not self._moment_free():
+            return super().build(var_list)
+        if self.built:
+            return
+        keras.optimizers.Optimizer.build(self, var_list)
+        self._velocities = self.add_optimizer_variables(var_list, "velocity")
+
+    def update_step(self, gradient, variable, learning_rate):
+        if not self._moment_free():
+            return super().update_step(gradient, variable, learning_rate)
+        lr = ops.cast(learning_rate, variable.dtype)
+        gradient = ops.cast(gradient, variable.dtype)
+        local_step = ops.cast(self.iterations + 1, variable.dtype)
+        beta_2_power = ops.power(ops.cast(self.beta_2, variable.dtype), local_step)
+        v = self._velocities[self._get_variable_index(variable)]
+        alpha = lr * ops.sqrt(1 - beta_2_power)
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        # one temporary of the variable's size at a time (TF updates the others in place)
+        self.assign_sub(variable, ops.multiply(
+            ops.divide(gradient, ops.add(ops.sqrt(v), self.epsilon)), alpha))
