@@ -112,14 +112,56 @@ def conv3d(x, kernel, strides=1, padding="SAME"):
     @tf.custom_gradient
     def conv(x, kernel):
         def grad(dy):
-            flipped = tf.transpose(tf.reverse(kernel, [0, 1, 2]), [0, 1, 2, 4, 3])
-            dx = _padded_conv(dy, flipped, [(n - 1 - b, n - 1 - a) for n, (b, a) in zip(k, pads)])
-            xt = tf.transpose(x, [4, 1, 2, 3, 0])  # [in, D, H, W, batch]
-            dk = _padded_conv(xt, tf.transpose(dy, [1, 2, 3, 0, 4]), pads)  # [in, k, k, k, out]
-            return dx, tf.transpose(dk, [1, 2, 3, 0, 4])
+            return _conv_grads(x, kernel, dy, pads)
         return _padded_conv(x, kernel, pads), grad
 
     return conv(x, kernel)
+
+
+def _conv_grads(x, kernel, dy, pads):
+    """(dx, dkernel) of a stride-1 conv3d of x padded by pads, both as forward convolutions."""
+    k = kernel.shape[:3]
+    flipped = tf.transpose(tf.reverse(kernel, [0, 1, 2]), [0, 1, 2, 4, 3])
+    dx = _padded_conv(dy, flipped, [(n - 1 - b, n - 1 - a) for n, (b, a) in zip(k, pads)])
+    xt = tf.transpose(x, [4, 1, 2, 3, 0])  # [in, D, H, W, batch]
+    dk = _padded_conv(xt, tf.transpose(dy, [1, 2, 3, 0, 4]), pads)  # [in, k, k, k, out]
+    return dx, tf.transpose(dk, [1, 2, 3, 0, 4])
+
+
+_PARITIES = [(p, q, r) for p in (0, 1) for q in (0, 1) for r in (0, 1)]
+
+
+def _parity_convs(xp, k):
+    """upsample_conv3d's 8 VALID 2^3 convolutions, parity (p, q, r) on the window of the padded
+    input xp [B, d+2, h+2, w+2, in] that starts at (p, q, r) -> [B, d, h, w, 8, out].
+
+    Autodiff would keep the 8 windows for the backward pass, 8 copies of the input (~290 MB in
+    G^A's last layer at 256^3); this gradient keeps xp and cuts each window again, one parity
+    after the other.
+    """
+    shape = tf.shape(xp)
+    d, h, w = shape[1] - 2, shape[2] - 2, shape[3] - 2
+
+    def window(xp, p, q, r):
+        return xp[:, p:p + d + 1, q:q + h + 1, r:r + w + 1]
+
+    @tf.custom_gradient
+    def convs(xp, k):
+        def grad(dy):
+            dxp, dk = None, []
+            for i, (p, q, r) in enumerate(_PARITIES):
+                with tf.control_dependencies([] if dxp is None else [dxp]):
+                    dwin, dk_i = _conv_grads(window(xp, p, q, r), k[p, q, r], dy[..., i, :],
+                                             [(0, 0)] * 3)
+                placed = tf.pad(dwin, [(0, 0), (p, 1 - p), (q, 1 - q), (r, 1 - r), (0, 0)])
+                dxp = placed if dxp is None else dxp + placed
+                dk.append(dk_i)
+            return dxp, tf.reshape(tf.stack(dk), tf.shape(k))
+
+        y = [tf.nn.conv3d(window(xp, p, q, r), k[p, q, r], _ONES, "VALID") for p, q, r in _PARITIES]
+        return tf.stack(y, axis=-2), grad
+
+    return convs(xp, k)
 
 
 def _space_to_depth(x):
@@ -281,10 +323,7 @@ def upsample_conv3d(x, kernel):
         k = tf.reshape(tf.transpose(k, [3, 4, 5, 6, 0, 1, 2, 7]), [3, 3, 3, c_in, 8 * c_out])
         y = conv3d(x, k)
     else:  # k: [p,q,r, 2,2,2, in, out] -> one VALID 2^3 conv per parity on a shifted window
-        xp = tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]])
-        y = tf.stack([conv3d(xp[:, p:p + d + 1, q:q + h + 1, r:r + w + 1], k[p, q, r],
-                             padding="VALID")
-                      for p in (0, 1) for q in (0, 1) for r in (0, 1)], axis=-2)
+        y = _parity_convs(tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]]), k)
     y = tf.reshape(y, [b, d, h, w, 2, 2, 2, c_out])
     y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])  # interleave the parities
     return tf.reshape(y, [b, 2 * d, 2 * h, 2 * w, c_out])
