@@ -69,7 +69,7 @@ class _SpectralNorm:
 _ONES = [1, 1, 1, 1, 1]
 
 
-def _same_pads(k: int, padding: str):
+def _pads(k: int, padding: str):
     """(before, after) padding of one spatial axis for a stride-1 convolution."""
     if padding == "VALID":
         return (0, 0)
@@ -79,11 +79,11 @@ def _same_pads(k: int, padding: str):
 def _padded_conv(x, kernel, pads):
     """Stride-1 VALID conv3d of x padded by pads [(before, after)] * 3 (no copy if 'SAME')."""
     k = kernel.shape[:3]
-    if any(sum(p) for p in pads) and None not in k and list(pads) == [_same_pads(n, "SAME") for n in k]:
+    if not any(sum(p) for p in pads):
+        return tf.nn.conv3d(x, kernel, _ONES, "VALID")
+    if None not in k and list(pads) == [_pads(n, "SAME") for n in k]:
         return tf.nn.conv3d(x, kernel, _ONES, "SAME")
-    if any(sum(p) for p in pads):
-        x = tf.pad(x, [(0, 0), *pads, (0, 0)])
-    return tf.nn.conv3d(x, kernel, _ONES, "VALID")
+    return tf.nn.conv3d(tf.pad(x, [(0, 0), *pads, (0, 0)]), kernel, _ONES, "VALID")
 
 
 def conv3d(x, kernel, strides=1, padding="SAME"):
@@ -107,7 +107,7 @@ def conv3d(x, kernel, strides=1, padding="SAME"):
         if padding == "SAME":  # TF pads an even input by k - 2, split evenly
             x = tf.pad(x, [(0, 0)] + [((n - 2) // 2, (n - 2) - (n - 2) // 2) for n in k] + [(0, 0)])
         return conv3d(_space_to_depth(x), _kernel_to_depth(kernel), 1, "VALID")
-    pads = [_same_pads(n, padding) for n in k]
+    pads = [_pads(n, padding) for n in k]
 
     @tf.custom_gradient
     def conv(x, kernel):
