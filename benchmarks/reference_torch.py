@@ -20,12 +20,11 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+sys.path.insert(0, HERE)
+from train_step import MemorySampler, print_table  # noqa: E402  (same memory split and table)
 
 
 def child(size: int, steps: int, batch: int) -> dict:
-    sys.path.insert(0, HERE)
-    from train_step import MemorySampler  # the same anonymous/file-backed split as ours
-
     sampler = MemorySampler()
     import torch
     import torch.nn.functional as F
@@ -112,13 +111,11 @@ def main(argv=None):
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "reference_torch.json"), "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
-    print("| S | batch | torch s/iteration (median) | first step s | peak RSS MB | peak anon MB |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['size']} | {args.batch} | error: {r['error']} | | | |")
-        else:
-            print(f"| {r['size']} | {r['batch']} | {r['median_step_s']:.2f} | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('peak_anon_mb', 0):.0f} |")
+    print_table(["S", "batch", "torch s/iteration (median)", "first step s", "peak RSS MB", "peak anon MB"],
+                [[r["size"], args.batch, f"error: {r['error']}"] if "error" in r
+                 else [r["size"], r["batch"], f"{r['median_step_s']:.2f}", f"{r['first_step_s']:.1f}",
+                       f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}"]
+                 for r in rows])
     return 0
 
 

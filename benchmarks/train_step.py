@@ -22,6 +22,15 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def print_table(header, rows):
+    """A markdown table; short rows (errors) are padded with empty cells."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        cells = [str(c) for c in row] + [""] * (len(header) - len(row))
+        print("| " + " | ".join(cells) + " |")
+
+
 class MemorySampler:
     """Peak resident memory split into anonymous (heap: tensors, weights) and file-backed
     (mapped shared libraries) pages, sampled from /proc/self/status (Linux) every 20 ms:
@@ -150,14 +159,12 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print("| S | batch | policy | XLA | s/iteration (median) | first step s | peak RSS MB | peak anon MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['size']} | {args.batch} | {args.policy} | {args.jit} | error: {r['error']} | | | |")
-        else:
-            print(f"| {r['size']} | {r['batch']} | {r['policy']} | {r['jit']} | {r['median_step_s']:.2f}"
-                  f" | {r['first_step_s']:.1f} | {r['peak_rss_mb']:.0f} | {r.get('peak_anon_mb', 0):.0f} |")
+    print_table(["S", "batch", "policy", "XLA", "s/iteration (median)", "first step s", "peak RSS MB",
+                 "peak anon MB"],
+                [[r["size"], args.batch, args.policy, args.jit, f"error: {r['error']}"] if "error" in r
+                 else [r["size"], r["batch"], r["policy"], r["jit"], f"{r['median_step_s']:.2f}",
+                       f"{r['first_step_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}"]
+                 for r in rows])
     return 0
 
 
