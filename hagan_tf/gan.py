@@ -80,8 +80,9 @@ class _Training:
     def draw_crop(self, step):
         """r for this iteration: a multiple of 4 in 0..7S/8, so real and fake slabs align.
 
-        Stateless in (seed, step): identical on every replica, after a resume and under XLA
-        (Philox named: "auto_select" picks another generator when XLA compiles the step).
+        Stateless in (seed, step): identical on every replica and after a resume. XLA's Philox
+        kernels give another stream than TF's for the same seed, so a jit_compile run draws
+        other (equally reproducible) r and z than a graph run.
         """
         hi = self.config_.max_crop // 4 + 1
         seed = tf.stack([tf.cast(self.config_.seed, tf.int64), tf.cast(step, tf.int64)])

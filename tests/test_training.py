@@ -205,18 +205,30 @@ def test_adam_without_first_moment_slot_matches_keras_adam():
         np.testing.assert_allclose(w_ours.numpy(), w_ref.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_xla_compiled_step_runs_and_scores_real_data_alike(data):
-    """jit_compile=True compiles the whole iteration (static slab shapes via tf.slice) and D's
-    score of the real batch, from the same initial weights, equals the graph step's.
-    (d_fake differs by ~5% at this tiny width: not yet explained, see RESULTS.md.)"""
+class _FixedDraws(HAGAN):
+    """Fixed r and z: XLA's Philox kernels draw another stream than TF's for the same seed."""
+
+    def draw_z(self, step, n, stream):
+        i = tf.cast(tf.range(n * self.config_.latent_dim), tf.float32)
+        return tf.reshape(tf.sin(1.7 * i + tf.cast(stream + step, tf.float32)),
+                          (n, self.config_.latent_dim))
+
+    def draw_crop(self, step):
+        return tf.constant(8)
+
+
+def test_xla_compiled_steps_equal_graph_steps(data):
+    """jit_compile=True compiles the whole iteration (static slab shapes via tf.slice) and, given
+    the same r and z, two XLA iterations log what two graph iterations log."""
     ds = make_dataset(data, 2, size=32).map(lambda r: {"volume": r["volume"]})
     batch = next(iter(ds))
     logs = []
     for jit in (False, True):
         keras.utils.set_random_seed(0)
-        gan = HAGAN(tiny(jit_compile=jit))
+        gan = _FixedDraws(tiny(jit_compile=jit))
         gan.compile()
-        logs.append(gan.train_on_batch(batch, return_dict=True))
-    assert logs[0].keys() == logs[1].keys()
-    assert all(np.isfinite(v) for v in logs[1].values()), logs[1]
-    np.testing.assert_allclose(logs[1]["d_real"], logs[0]["d_real"], rtol=1e-4)
+        logs.append([gan.train_on_batch(batch, return_dict=True) for _ in range(2)])
+    for graph, xla in zip(*logs):
+        assert graph.keys() == xla.keys()
+        for k in graph:
+            np.testing.assert_allclose(xla[k], graph[k], rtol=1e-4, atol=1e-6, err_msg=k)
