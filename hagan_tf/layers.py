@@ -86,6 +86,20 @@ def _padded_conv(x, kernel, pads):
     return tf.nn.conv3d(tf.pad(x, [(0, 0), *pads, (0, 0)]), kernel, _ONES, "VALID")
 
 
+def _after_dy(grad_fn):
+    """A custom gradient none of whose ops starts before dy exists.
+
+    TF's executor runs an op as soon as its inputs are ready: the parts of a backward pass
+    that read only forward tensors (a flipped kernel, a transposed padded input, GroupNorm's
+    normalised input) would run during the forward pass and be held, all layers' at once,
+    until the backward pass reaches them (~200 MB at the G update's peak at 128^3).
+    """
+    def grad(dy):
+        with tf.control_dependencies([dy]):
+            return grad_fn(dy)
+    return grad
+
+
 def conv3d(x, kernel, strides=1, padding="SAME"):
     """tf.nn.conv3d whose gradients are forward convolutions too.
 
@@ -111,6 +125,7 @@ def conv3d(x, kernel, strides=1, padding="SAME"):
 
     @tf.custom_gradient
     def conv(x, kernel):
+        @_after_dy
         def grad(dy):
             return _conv_grads(x, kernel, dy, pads)
         return _padded_conv(x, kernel, pads), grad
@@ -131,23 +146,34 @@ def _conv_grads(x, kernel, dy, pads):
 _PARITIES = [(p, q, r) for p in (0, 1) for q in (0, 1) for r in (0, 1)]
 
 
-def _parity_convs(xp, k):
-    """upsample_conv3d's 8 VALID 2^3 convolutions, parity (p, q, r) on the window of the padded
-    input xp [B, d+2, h+2, w+2, in] that starts at (p, q, r) -> [B, d, h, w, 8, out].
+def _parity_convs(x, kernel):
+    """upsample_conv3d's 8 VALID 2^3 convolutions, parity (p, q, r) on the window of x padded
+    by one that starts at (p, q, r), with the parity kernels derived from the 3^3 kernel
+    -> [B, d, h, w, 8, out].
 
-    Autodiff would keep the 8 windows for the backward pass, 8 copies of the input (~290 MB in
-    G^A's last layer at 256^3); this gradient keeps xp and cuts each window again, one parity
-    after the other.
+    The gradient keeps only x and the 3^3 kernel, and pads x, derives the parity kernels (4.7x
+    the kernel's size: 34 MB in G^A's third block) and cuts each window again itself, one
+    parity after the other. Autodiff would keep the kernels, the padded input and the 8
+    windows (~290 MB in G^A's last layer at 256^3).
     """
-    shape = tf.shape(xp)
-    d, h, w = shape[1] - 2, shape[2] - 2, shape[3] - 2
+    taps = tf.constant(np.stack([_PARITY_TAPS[p][:, p:p + 2] for p in (0, 1)]), kernel.dtype)
+    shape = tf.shape(x)
+    d, h, w = shape[1], shape[2], shape[3]
 
     def window(xp, p, q, r):
         return xp[:, p:p + d + 1, q:q + h + 1, r:r + w + 1]
 
+    def padded(x):
+        return tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]])
+
     @tf.custom_gradient
-    def convs(xp, k):
+    def convs(x, kernel):
+        @_after_dy
         def grad(dy):
+            with tf.GradientTape() as tape:
+                tape.watch(kernel)
+                k = _per_parity_kernels(kernel, taps)
+            xp = padded(x)
             dxp, dk = None, []
             for i, (p, q, r) in enumerate(_PARITIES):
                 with tf.control_dependencies([] if dxp is None else [dxp]):
@@ -156,12 +182,14 @@ def _parity_convs(xp, k):
                 placed = tf.pad(dwin, [(0, 0), (p, 1 - p), (q, 1 - q), (r, 1 - r), (0, 0)])
                 dxp = placed if dxp is None else dxp + placed
                 dk.append(dk_i)
-            return dxp, tf.reshape(tf.stack(dk), tf.shape(k))
+            dk = tf.reshape(tf.stack(dk), tf.shape(k))
+            return dxp[:, 1:-1, 1:-1, 1:-1], tape.gradient(k, kernel, output_gradients=dk)
 
+        k, xp = _per_parity_kernels(kernel, taps), padded(x)
         y = [tf.nn.conv3d(window(xp, p, q, r), k[p, q, r], _ONES, "VALID") for p, q, r in _PARITIES]
         return tf.stack(y, axis=-2), grad
 
-    return convs(xp, k)
+    return convs(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel))  # read variables here
 
 
 def _space_to_depth(x):
@@ -262,6 +290,7 @@ def group_norm_op(x, gamma, beta, groups, epsilon):
                                         + epsilon), rank)
         y = centred * (inv * gamma) + beta
 
+        @_after_dy
         def grad(dy):
             dy = tf.cast(dy, tf.float32)
             xhat = (xf - mean) * inv
@@ -326,13 +355,12 @@ def upsample_conv3d(x, kernel):
     shape = tf.shape(x)
     b, d, h, w = shape[0], shape[1], shape[2], shape[3]
     c_in, c_out = kernel.shape[-2], kernel.shape[-1]
-    taps = _PARITY_TAPS if c_out < 8 else np.stack([_PARITY_TAPS[p][:, p:p + 2] for p in (0, 1)])
-    k = _per_parity_kernels(kernel, tf.constant(taps, dtype=kernel.dtype))
     if c_out < 8:  # k: [p,q,r, 3,3,3, in, out] -> one 3^3 conv with (p,q,r,out) channels
+        k = _per_parity_kernels(kernel, tf.constant(_PARITY_TAPS, dtype=kernel.dtype))
         k = tf.reshape(tf.transpose(k, [3, 4, 5, 6, 0, 1, 2, 7]), [3, 3, 3, c_in, 8 * c_out])
         y = conv3d(x, k)
-    else:  # k: [p,q,r, 2,2,2, in, out] -> one VALID 2^3 conv per parity on a shifted window
-        y = _parity_convs(tf.pad(x, [[0, 0], [1, 1], [1, 1], [1, 1], [0, 0]]), k)
+    else:  # one VALID 2^3 conv per parity on a shifted window
+        y = _parity_convs(x, kernel)
     y = tf.reshape(y, [b, d, h, w, 2, 2, 2, c_out])
     y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])  # interleave the parities
     return tf.reshape(y, [b, 2 * d, 2 * h, 2 * w, c_out])

@@ -195,8 +195,9 @@ def test_larger_sizes_extend_the_same_layer_lists():
     assert gan.encoder.ground.output_shape == (None, 16)
 
 
+@pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("c_in,c_out", [(16, 8), (8, 1), (16, 3)])  # parity convs; one conv
-def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out):
+def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out, graph):
     from hagan_tf.layers import upsample_conv3d
 
     x = tf.random.stateless_normal((2, 3, 4, 5, c_in), [5, 6])
@@ -206,14 +207,20 @@ def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out):
         up = tf.repeat(tf.repeat(tf.repeat(x, 2, 1), 2, 2), 2, 3)
         return tf.nn.conv3d(up, k, [1] * 5, "SAME")
 
-    with tf.GradientTape(persistent=True) as tape:
-        tape.watch([x, k])
-        a, b = naive(x, k), upsample_conv3d(x, k)
-        la, lb = tf.reduce_sum(tf.sin(a)), tf.reduce_sum(tf.sin(b))
+    def values_and_grads(x, k):
+        out = []
+        for f in (naive, upsample_conv3d):
+            with tf.GradientTape() as tape:
+                tape.watch([x, k])
+                y = f(x, k)
+                loss = tf.reduce_sum(tf.sin(y))
+            out.append([y, *tape.gradient(loss, [x, k])])
+        return out
+
+    (a, *ga), (b, *gb) = (tf.function(values_and_grads) if graph else values_and_grads)(x, k)
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
-    for var in (x, k):
-        ga, gb = tape.gradient(la, var), tape.gradient(lb, var)
-        np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(ga))))
+    for g_ref, g in zip(ga, gb):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(g_ref))))
 
 
 @pytest.mark.parametrize("shape,kernel,strides,padding", [
