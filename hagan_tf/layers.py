@@ -157,8 +157,7 @@ def _parity_convs(x, kernel):
     windows (~290 MB in G^A's last layer at 256^3).
     """
     taps = tf.constant(np.stack([_PARITY_TAPS[p][:, p:p + 2] for p in (0, 1)]), kernel.dtype)
-    shape = tf.shape(x)
-    d, h, w = shape[1], shape[2], shape[3]
+    d, h, w = _spatial(x)
 
     def window(xp, p, q, r):
         return xp[:, p:p + d + 1, q:q + h + 1, r:r + w + 1]
@@ -182,7 +181,7 @@ def _parity_convs(x, kernel):
                 placed = tf.pad(dwin, [(0, 0), (p, 1 - p), (q, 1 - q), (r, 1 - r), (0, 0)])
                 dxp = placed if dxp is None else dxp + placed
                 dk.append(dk_i)
-            dk = tf.reshape(tf.stack(dk), tf.shape(k))
+            dk = tf.reshape(tf.stack(dk), k.shape)
             return dxp[:, 1:-1, 1:-1, 1:-1], tape.gradient(k, kernel, output_gradients=dk)
 
         k, xp = _per_parity_kernels(kernel, taps), padded(x)
@@ -192,13 +191,23 @@ def _parity_convs(x, kernel):
     return convs(tf.convert_to_tensor(x), tf.convert_to_tensor(kernel))  # read variables here
 
 
+def _spatial(x):
+    """x's [D, H, W]: Python ints where the shape is static, which keeps the training graph
+    small (each dynamic dimension is a few more nodes, in every layer and its gradient)."""
+    dims = x.shape[1:4]
+    if all(n is not None for n in dims):
+        return list(dims)
+    s = tf.shape(x)
+    return [s[1], s[2], s[3]]
+
+
 def _space_to_depth(x):
     """[B, D, H, W, C] (even D, H, W) -> [B, D/2, H/2, W/2, 8C], channels ordered (p, q, r, C)."""
-    s = tf.shape(x)
+    d, h, w = _spatial(x)
     c = x.shape[-1]
-    x = tf.reshape(x, [s[0], s[1] // 2, 2, s[2] // 2, 2, s[3] // 2, 2, c])
+    x = tf.reshape(x, [-1, d // 2, 2, h // 2, 2, w // 2, 2, c])
     x = tf.transpose(x, [0, 1, 3, 5, 2, 4, 6, 7])
-    return tf.reshape(x, [s[0], s[1] // 2, s[2] // 2, s[3] // 2, 8 * c])
+    return tf.reshape(x, [-1, d // 2, h // 2, w // 2, 8 * c])
 
 
 def _kernel_to_depth(kernel):
@@ -284,7 +293,9 @@ def group_norm_op(x, gamma, beta, groups, epsilon):
     def norm(x, gamma, beta):
         xf = tf.cast(x, tf.float32)
         rank = len(x.shape)
-        count = tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]) * group, tf.float32)
+        spatial = x.shape[1:-1]
+        count = (float(np.prod(spatial.as_list()) * group) if spatial.is_fully_defined()
+                 else tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]) * group, tf.float32))
         mean = per_channel(group_mean(_channel_sums(xf), count), rank)
         centred = xf - mean
         inv = per_channel(tf.math.rsqrt(group_mean(_channel_sums(tf.square(centred)), count)
@@ -353,8 +364,7 @@ def upsample_conv3d(x, kernel):
     output channels. (TF's conv3d_transpose would do it in one op but is 100x slower on CPU
     for batches larger than one.)
     """
-    shape = tf.shape(x)
-    b, d, h, w = shape[0], shape[1], shape[2], shape[3]
+    d, h, w = _spatial(x)
     c_in, c_out = kernel.shape[-2], kernel.shape[-1]
     if c_out < 8:  # k: [p,q,r, 3,3,3, in, out] -> one 3^3 conv with (p,q,r,out) channels
         k = _per_parity_kernels(kernel, tf.constant(_PARITY_TAPS, dtype=kernel.dtype))
@@ -362,9 +372,9 @@ def upsample_conv3d(x, kernel):
         y = conv3d(x, k)
     else:  # one VALID 2^3 conv per parity on a shifted window
         y = _parity_convs(x, kernel)
-    y = tf.reshape(y, [b, d, h, w, 2, 2, 2, c_out])
+    y = tf.reshape(y, [-1, d, h, w, 2, 2, 2, c_out])
     y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])  # interleave the parities
-    return tf.reshape(y, [b, 2 * d, 2 * h, 2 * w, c_out])
+    return tf.reshape(y, [-1, 2 * d, 2 * h, 2 * w, c_out])
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
