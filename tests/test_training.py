@@ -230,5 +230,6 @@ def test_xla_compiled_steps_equal_graph_steps(data):
         logs.append([gan.train_on_batch(batch, return_dict=True) for _ in range(2)])
     for graph, xla in zip(*logs):
         assert graph.keys() == xla.keys()
+        assert all(np.isfinite(v) for v in xla.values()), xla  # (allclose lets NaN equal NaN)
         for k in graph:
             np.testing.assert_allclose(xla[k], graph[k], rtol=1e-4, atol=1e-6, err_msg=k)
