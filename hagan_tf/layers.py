@@ -10,6 +10,8 @@ different function and cannot load the published weights with forward parity.
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -41,14 +43,14 @@ class _SpectralNorm:
         """Largest singular value estimate of the kernel (one power iteration from `u`)."""
         w = ops.reshape(self._kernel, (-1, self.u.shape[-1]))  # [fan_in, out]
         u = ops.cast(self.u, w.dtype)
-        v = _normalize(ops.stop_gradient(ops.matmul(u, ops.transpose(w))))
+        v = _normalize(ops.stop_gradient(ops.transpose(ops.matmul(w, ops.transpose(u)))))  # u W^T
         u_new = _normalize(ops.stop_gradient(ops.matmul(v, w)))
         if training:
             self.u.assign(ops.cast(u_new, self.u.dtype))
         return ops.sum(ops.matmul(v, w) * u_new)
 
     def normalized_kernel(self, training=False):
-        return self._kernel / self.sigma(training)
+        return _divide(tf.convert_to_tensor(self._kernel), self.sigma(training))
 
     # Keras's Conv/Dense save only kernel and bias; u is state of the function, so keep it.
     def _own_variables(self):
@@ -100,6 +102,19 @@ def _after_dy(grad_fn):
     return grad
 
 
+def _divide(w, sigma):
+    """w / sigma whose gradient waits for dy: autodiff's would compute -w (a kernel-sized
+    copy) during the forward pass and hold it, for every D call, until the backward pass."""
+    @tf.custom_gradient
+    def divide(w, sigma):
+        @_after_dy
+        def grad(dy):
+            g = dy / sigma
+            return g, -tf.reduce_sum(g * w) / sigma
+        return w / sigma, grad
+    return divide(w, sigma)
+
+
 def conv3d(x, kernel, strides=1, padding="SAME"):
     """tf.nn.conv3d whose gradients are forward convolutions too.
 
@@ -114,6 +129,12 @@ def conv3d(x, kernel, strides=1, padding="SAME"):
     padding = padding.upper()
     x, kernel = tf.convert_to_tensor(x), tf.convert_to_tensor(kernel)  # read variables here
     k = kernel.shape[:3]
+    if padding == "VALID" and None not in k and tuple(x.shape[1:4]) == tuple(k):
+        # The kernel covers the whole input (E^G's last layer: 4^3 x 256 -> 1024, 67 MB): a
+        # matmul, whose gradients need no flipped or transposed copies of the kernel.
+        y = tf.matmul(tf.reshape(x, [-1, math.prod(k) * x.shape[-1]]),
+                      tf.reshape(kernel, [-1, kernel.shape[-1]]))
+        return tf.reshape(y, [-1, 1, 1, 1, kernel.shape[-1]])
     if strides != 1:
         dims = x.shape[1:4]
         if strides != 2 or any(n % 2 for n in k) or any(d is None or d % 2 for d in dims):
@@ -257,6 +278,54 @@ class SNDense(_SpectralNorm, layers.Dense):
         if self.use_bias:
             out = out + self.bias
         return self.activation(out) if self.activation is not None else out
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class BlockDense(layers.Layer):
+    """A Dense layer whose kernel is held as `blocks` column blocks, one variable each.
+
+    The function and the initial distribution are Dense's (glorot-uniform over the whole
+    kernel); only the optimizer sees a difference: Adam's update of a variable holds its
+    gradient plus one temporary of its size, and for G^A's first layer (1024 x 32768, 134 MB)
+    that was the G update's memory peak. Per block, each gradient can be applied, and freed, as
+    soon as its own matmul is done. `kernel` gives the joined matrix.
+    """
+
+    def __init__(self, units, blocks=8, **kwargs):
+        super().__init__(**kwargs)
+        if units % blocks:
+            raise ValueError(f"{units} units do not split into {blocks} blocks")
+        self.units, self.blocks = units, blocks
+
+    def build(self, input_shape):
+        fan_in = input_shape[-1]
+        limit = math.sqrt(6.0 / (fan_in + self.units))
+        for i in range(self.blocks):  # attributes, not a list: tf.train.Checkpoint skips lists
+            setattr(self, f"kernel_{i}", self.add_weight(
+                name=f"kernel_{i}", shape=(fan_in, self.units // self.blocks),
+                initializer=keras.initializers.RandomUniform(-limit, limit)))
+        self.bias = self.add_weight(name="bias", shape=(self.units,), initializer="zeros")
+
+    @property
+    def kernels(self):
+        return [getattr(self, f"kernel_{i}") for i in range(self.blocks)]
+
+    @property
+    def kernel(self):
+        return ops.concatenate(self.kernels, axis=-1)
+
+    def assign_kernel(self, value):
+        for k, part in zip(self.kernels, np.split(np.asarray(value), self.blocks, axis=-1)):
+            k.assign(part)
+
+    def call(self, inputs):
+        return ops.concatenate([ops.matmul(inputs, k) for k in self.kernels], axis=-1) + self.bias
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "blocks": self.blocks}
 
 
 def _channel_sums(x):

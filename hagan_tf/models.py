@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import HAGANConfig
-from .layers import SERIAL_PACKAGE, ConvBlock, SNConvLeaky, SNDense
+from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, SNConvLeaky, SNDense
 
 # G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
 COMMON_CHANNELS = (512, 512, 256, 128, 64)
@@ -71,7 +71,7 @@ class Generator(_Network):
             raise ValueError(f"size {cfg.size} needs more upsampling stages than G^A has")
         self.common = keras.Sequential(
             [keras.Input((cfg.latent_dim + cfg.num_classes,)),
-             layers.Dense(4 * 4 * 4 * c0, name="fc"), layers.Reshape((4, 4, 4, c0))] + blocks,
+             BlockDense(4 * 4 * 4 * c0, name="fc"), layers.Reshape((4, 4, 4, c0))] + blocks,
             name="common")
         a_ch = ch(COMMON_CHANNELS[-1])
         self.feature_channels = a_ch

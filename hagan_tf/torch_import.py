@@ -88,14 +88,26 @@ def _conv_entries(key, conv, spectral=False):
     return out + (_sn_entries(key, conv) if spectral else [])
 
 
+class _JoinedKernel:
+    """A BlockDense's kernel as one variable, for the table."""
+
+    def __init__(self, layer):
+        self.layer, self.dtype = layer, layer.kernels[0].dtype
+
+    def assign(self, value):
+        self.layer.assign_kernel(value)
+
+
 def _dense_entries(key, dense, spectral=False, reshape_channels=None):
-    fan_in, units = tuple(dense._kernel.shape)
+    blocked = hasattr(dense, "kernels")
+    kernel = _JoinedKernel(dense) if blocked else dense._kernel
+    fan_in, units = (dense.kernels[0] if blocked else dense._kernel).shape[0], dense.units
     if reshape_channels:  # the dense layer whose output is reshaped to 4^3 x C
         weight = lambda w: _to_channels_last(w, reshape_channels).T  # noqa: E731
         bias = lambda b: _to_channels_last(b, reshape_channels)  # noqa: E731
     else:
         weight, bias = _linear, _same
-    out = [(f"{key}.weight", dense._kernel, (units, fan_in), weight),
+    out = [(f"{key}.weight", kernel, (units, fan_in), weight),
            (f"{key}.bias", dense.bias, (units,), bias)]
     return out + (_sn_entries(key, dense) if spectral else [])
 

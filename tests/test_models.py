@@ -227,7 +227,9 @@ def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out, graph):
     ((2, 8, 6, 10, 3), 3, 1, "SAME"),     # ConvBlock
     ((2, 5, 7, 6, 3), 2, 1, "VALID"),     # the parity convolutions of upsample_conv3d
     ((1, 4, 4, 4, 2), 2, 1, "SAME"),      # even kernel, uneven SAME padding
-    ((2, 5, 7, 6, 2), 4, 1, "VALID"),     # D^L's and E^G's last layers
+    ((2, 5, 7, 6, 2), 4, 1, "VALID"),
+    ((2, 4, 4, 4, 3), 4, 1, "VALID"),     # D^L's and E^G's last layers: a matmul
+    ((3, 2, 3, 4, 3), (2, 3, 4), 2, "VALID"),
     ((2, 8, 6, 10, 3), 4, 2, "SAME"),     # D, E^H, E^G: stride 2 via space-to-depth
     ((1, 8, 8, 8, 3), 4, 2, "VALID"),
     ((2, 9, 9, 9, 2), 4, 2, "SAME"),      # odd input: TF's own strided convolution
@@ -236,7 +238,8 @@ def test_conv3d_values_and_gradients_equal_tf(shape, kernel, strides, padding):
     from hagan_tf.layers import conv3d
 
     x = tf.random.stateless_normal(shape, [1, 2])
-    k = tf.random.stateless_normal((kernel,) * 3 + (shape[-1], 5), [3, 4])
+    kernel = kernel if isinstance(kernel, tuple) else (kernel,) * 3
+    k = tf.random.stateless_normal(kernel + (shape[-1], 5), [3, 4])
     with tf.GradientTape(persistent=True) as tape:
         tape.watch([x, k])
         ref = tf.nn.conv3d(x, k, [1, strides, strides, strides, 1], padding)
@@ -288,3 +291,37 @@ def test_group_norm_values_and_gradients_equal_autodiff():
     for a, a64 in zip(args, args64):
         g, g_ref = tape.gradient(l_out, a), tape.gradient(l_ref, a64)
         np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(g_ref))))
+
+
+def test_block_dense_is_one_dense_layer_held_in_column_blocks():
+    from hagan_tf.layers import BlockDense
+
+    layer = BlockDense(24, blocks=4, name="fc")
+    layer.build((None, 5))
+    assert [tuple(k.shape) for k in layer.kernels] == [(5, 6)] * 4 and layer.kernel.shape == (5, 24)
+    full = np.random.default_rng(0).normal(size=(5, 24)).astype("float32")
+    layer.assign_kernel(full)
+    layer.bias.assign(np.arange(24, dtype="float32"))
+    x = tf.random.stateless_normal((3, 5), [0, 1])
+    np.testing.assert_allclose(layer(x), x.numpy() @ full + np.arange(24), rtol=1e-5, atol=1e-5)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.sin(layer(x)))
+    grads = tape.gradient(loss, layer.kernels)
+    dense_grad = x.numpy().T @ np.cos(x.numpy() @ full + np.arange(24))
+    np.testing.assert_allclose(np.concatenate(grads, -1), dense_grad, rtol=1e-4, atol=1e-5)
+    clone = BlockDense.from_config(layer.get_config())
+    assert (clone.units, clone.blocks, clone.name) == (24, 4, "fc")
+    with pytest.raises(ValueError, match="do not split"):
+        BlockDense(10, blocks=4)
+
+
+def test_checkpoint_holds_every_weight(tmp_path):
+    """tf.train.Checkpoint only sees tracked attributes (a Python list of variables is skipped
+    silently): a restored model must equal the saved one weight by weight."""
+    saved, fresh = HAGAN(small(32)), HAGAN(small(32))
+    path = tf.train.Checkpoint(model=saved).write(str(tmp_path / "ckpt"))
+    tf.train.Checkpoint(model=fresh).restore(path).assert_nontrivial_match()
+    assert len(saved.weights) == len(fresh.weights)
+    for a, b in zip(saved.weights, fresh.weights):
+        assert a.path == b.path
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
