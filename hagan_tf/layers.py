@@ -155,10 +155,21 @@ def conv3d(x, kernel, strides=1, padding="SAME"):
 
 
 def _conv_grads(x, kernel, dy, pads):
-    """(dx, dkernel) of a stride-1 conv3d of x padded by pads, both as forward convolutions."""
+    """(dx, dkernel) of a stride-1 conv3d of x padded by pads, both as forward convolutions.
+
+    The kernel gradient correlates the padded x with dy. When x would need padding and has
+    more channels than dy, dy is padded instead and correlated with x, which gives the kernel
+    reversed: the padded copy is the smaller one, and Eigen runs it faster (G^A's last 32^3
+    layer at 128^3: 40 -> 18 MB, 1.0 -> 0.7 s).
+    """
     k = kernel.shape[:3]
     flipped = tf.transpose(tf.reverse(kernel, [0, 1, 2]), [0, 1, 2, 4, 3])
-    dx = _padded_conv(dy, flipped, [(n - 1 - b, n - 1 - a) for n, (b, a) in zip(k, pads)])
+    dy_pads = [(n - 1 - b, n - 1 - a) for n, (b, a) in zip(k, pads)]
+    dx = _padded_conv(dy, flipped, dy_pads)
+    if any(sum(p) for p in pads) and kernel.shape[-1] < kernel.shape[-2]:
+        xt = tf.transpose(x, [1, 2, 3, 0, 4])  # [D, H, W, batch, in]
+        dk = _padded_conv(tf.transpose(dy, [4, 1, 2, 3, 0]), xt, dy_pads)  # [out, k, k, k, in]
+        return dx, tf.transpose(tf.reverse(dk, [1, 2, 3]), [1, 2, 3, 4, 0])
     xt = tf.transpose(x, [4, 1, 2, 3, 0])  # [in, D, H, W, batch]
     dk = _padded_conv(xt, tf.transpose(dy, [1, 2, 3, 0, 4]), pads)  # [in, k, k, k, out]
     return dx, tf.transpose(dk, [1, 2, 3, 0, 4])

@@ -225,6 +225,8 @@ def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out, graph):
 
 @pytest.mark.parametrize("shape,kernel,strides,padding", [
     ((2, 8, 6, 10, 3), 3, 1, "SAME"),     # ConvBlock
+    ((2, 8, 6, 10, 7), 3, 1, "SAME"),     # fewer output channels: the kernel gradient pads dy
+    ((1, 4, 5, 4, 7), 2, 1, "SAME"),
     ((2, 5, 7, 6, 3), 2, 1, "VALID"),     # the parity convolutions of upsample_conv3d
     ((1, 4, 4, 4, 2), 2, 1, "SAME"),      # even kernel, uneven SAME padding
     ((2, 5, 7, 6, 2), 4, 1, "VALID"),
