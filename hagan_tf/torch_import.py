@@ -93,15 +93,15 @@ class _JoinedKernel:
 
     def __init__(self, layer):
         self.layer, self.dtype = layer, layer.kernels[0].dtype
+        self.shape = (layer.kernels[0].shape[0], layer.units)
 
     def assign(self, value):
         self.layer.assign_kernel(value)
 
 
 def _dense_entries(key, dense, spectral=False, reshape_channels=None):
-    blocked = hasattr(dense, "kernels")
-    kernel = _JoinedKernel(dense) if blocked else dense._kernel
-    fan_in, units = (dense.kernels[0] if blocked else dense._kernel).shape[0], dense.units
+    kernel = _JoinedKernel(dense) if hasattr(dense, "kernels") else dense._kernel
+    fan_in, units = tuple(kernel.shape)
     if reshape_channels:  # the dense layer whose output is reshaped to 4^3 x C
         weight = lambda w: _to_channels_last(w, reshape_channels).T  # noqa: E731
         bias = lambda b: _to_channels_last(b, reshape_channels)  # noqa: E731
