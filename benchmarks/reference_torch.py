@@ -4,8 +4,9 @@ The networks are the PyTorch re-statement of the authors' architecture used by t
 (tests/torch_reference.py); the iteration follows the authors' train.py: D, G, E^H, E^G updates
 with Adam(0, 0.999), BCE-with-logits and L1, batch 2, nearest downsampling for real X^L.
 
-    python benchmarks/reference_torch.py [--sizes 128] [--steps 2]   # needs the [torch] extra
-Prints a markdown table and writes benchmarks/results/reference_torch.json.
+    python benchmarks/reference_torch.py [--sizes 128] [--steps 2] [--device cpu|cuda] [--out F]
+Needs the [torch] extra. Prints a markdown table and writes benchmarks/results/reference_torch.json
+(reference_torch-cuda.json on a GPU, where the peak is torch's allocated GPU memory).
 """
 
 from __future__ import annotations
@@ -24,21 +25,21 @@ sys.path.insert(0, HERE)
 from train_step import MemorySampler, print_table  # noqa: E402  (same memory split and table)
 
 
-def child(size: int, steps: int, batch: int) -> dict:
+def child(size: int, steps: int, batch: int, device: str = "cpu") -> dict:
     sampler = MemorySampler()
     import torch
     import torch.nn.functional as F
     from torch_reference import Discriminator, Encoder, Generator, SubEncoder
 
     torch.manual_seed(0)
-    G, D = Generator(size), Discriminator(size)
-    E, SE = Encoder(), SubEncoder(size)
+    G, D = Generator(size).to(device), Discriminator(size).to(device)
+    E, SE = Encoder().to(device), SubEncoder(size).to(device)
     opt = {"g": torch.optim.Adam(G.parameters(), 1e-4, betas=(0.0, 0.999)),
            "d": torch.optim.Adam(D.parameters(), 4e-4, betas=(0.0, 0.999)),
            "e": torch.optim.Adam(E.parameters(), 1e-4, betas=(0.0, 0.999)),
            "se": torch.optim.Adam(SE.parameters(), 1e-4, betas=(0.0, 0.999))}
     bce = torch.nn.BCEWithLogitsLoss()
-    real = torch.rand(batch, 1, size, size, size) * 2 - 1
+    real = torch.rand(batch, 1, size, size, size, device=device) * 2 - 1
     depth = size // 8
 
     def gen(z, crop):
@@ -49,11 +50,11 @@ def child(size: int, steps: int, batch: int) -> dict:
         crop = 4 * int(torch.randint(0, (size - depth) // 4 + 1, ()))
         real_crop = real[:, :, crop:crop + depth]
         real_small = F.interpolate(real, scale_factor=0.25)
-        ones, zeros = torch.ones(batch, 1), torch.zeros(batch, 1)
+        ones, zeros = torch.ones(batch, 1, device=device), torch.zeros(batch, 1, device=device)
         # D
         opt["d"].zero_grad()
         with torch.no_grad():
-            fake, fake_small = gen(torch.randn(batch, 1024), crop)
+            fake, fake_small = gen(torch.randn(batch, 1024, device=device), crop)
         d_loss = bce(D(real_crop, real_small, crop), ones) + bce(D(fake, fake_small, crop), zeros)
         d_loss.backward()
         opt["d"].step()
@@ -61,7 +62,7 @@ def child(size: int, steps: int, batch: int) -> dict:
         for p in D.parameters():
             p.requires_grad_(False)
         opt["g"].zero_grad()
-        fake, fake_small = gen(torch.randn(batch, 1024), crop)
+        fake, fake_small = gen(torch.randn(batch, 1024, device=device), crop)
         bce(D(fake, fake_small, crop), ones).backward()
         opt["g"].step()
         for p in D.parameters():
@@ -83,13 +84,19 @@ def child(size: int, steps: int, batch: int) -> dict:
     for step in range(steps + 1):
         t = time.perf_counter()
         iteration(step)
+        if device != "cpu":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     times_sorted = sorted(times[1:])
     peak = sampler.stop()
-    return {"peak_anon_mb": peak["RssAnon"], "peak_file_mb": peak["RssFile"],"size": size, "batch": batch, "threads": torch.get_num_threads(),
+    out = {"peak_anon_mb": peak["RssAnon"], "peak_file_mb": peak["RssFile"], "size": size, "batch": batch, "threads": torch.get_num_threads(),
             "first_step_s": times[0], "median_step_s": times_sorted[len(times_sorted) // 2],
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch": torch.__version__}
+            "torch": torch.__version__, "device": device}
+    if device != "cpu":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out["device_name"] = torch.cuda.get_device_name()
+    return out
 
 
 def main(argv=None):
@@ -97,19 +104,24 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[128])
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--out")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch)))
+        print(json.dumps(child(args.child, args.steps, args.batch, args.device)))
         return 0
     rows = []
     for size in args.sizes:
         res = subprocess.run([sys.executable, __file__, "--child", str(size), "--steps",
-                              str(args.steps), "--batch", str(args.batch)], capture_output=True, text=True)
+                              str(args.steps), "--batch", str(args.batch), "--device", args.device],
+                             capture_output=True, text=True)
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0
                     else {"size": size, "error": res.stderr.strip().splitlines()[-1:]})
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "reference_torch.json"), "w") as f:
+    out = args.out or os.path.join(
+        HERE, "results", "reference_torch.json" if args.device == "cpu" else "reference_torch-cuda.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
     print_table(["S", "batch", "torch s/iteration (median)", "first step s", "peak RSS MB", "peak anon MB"],
                 [[r["size"], args.batch, f"error: {r['error']}"] if "error" in r

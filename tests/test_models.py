@@ -254,6 +254,37 @@ def test_conv3d_values_and_gradients_equal_tf(shape, kernel, strides, padding):
         np.testing.assert_allclose(g_out, g_ref, rtol=1e-5, atol=1e-5 * float(tf.reduce_max(tf.abs(g_ref))))
 
 
+def test_with_a_gpu_visible_conv_blocks_use_tf_own_convolutions(monkeypatch):
+    # The CPU rewrites are slower than cuDNN's kernels: with a GPU, TF's ops and gradients.
+    import hagan_tf.layers as L
+
+    block = L.ConvBlock(8, upsample=True, post="none")  # 8 outputs: parity convolutions on CPU
+    block.build((None, 8, 8, 8, 3))
+    x = tf.random.stateless_normal((2, 8, 8, 8, 3), [4, 2])
+
+    def run(rewrite):
+        monkeypatch.setattr(L, "_rewrite_convs", lambda: rewrite)
+
+        @tf.function
+        def f(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(tf.sin(block(x)))
+            return loss, tape.gradient(loss, [x, block.conv.kernel])
+        graph = f.get_concrete_function(x).graph.as_graph_def()
+        ops_used = [n.op for n in graph.node] + [n.op for g in graph.library.function for n in g.node_def]
+        return f(x), ops_used
+
+    (loss_cpu, grads_cpu), ops_cpu = run(True)
+    (loss_gpu, grads_gpu), ops_gpu = run(False)
+    backprops = {"Conv3DBackpropInputV2", "Conv3DBackpropFilterV2"}
+    assert backprops <= set(ops_gpu) and not backprops & set(ops_cpu)
+    assert ops_gpu.count("Conv3D") == 1  # upsample, then one convolution (not 8 parity ones)
+    np.testing.assert_allclose(loss_gpu, loss_cpu, rtol=1e-4)
+    for g_cpu, g_gpu in zip(grads_cpu, grads_gpu):
+        np.testing.assert_allclose(g_gpu, g_cpu, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(g_cpu))))
+
+
 def test_conv_layers_use_the_lean_convolution_and_keep_their_weights():
     from hagan_tf.layers import Conv3D, ConvBlock, SNConv3D
 

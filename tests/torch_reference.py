@@ -152,7 +152,7 @@ class Discriminator(nn.Module):  # D^H (conv1..7, fc1, fc2, fc2_class) + D^L (su
         for name in self.names:
             h = F.leaky_relu(getattr(self, name)(h), 0.2)
         h = h.flatten(1)
-        pos = torch.full((h.shape[0], 1), crop / (self.size * 7 / 8))
+        pos = torch.full((h.shape[0], 1), crop / (self.size * 7 / 8), device=h.device)
         h = F.leaky_relu(self.fc1(torch.cat([h, pos], 1)), 0.2)
         low = self.sub_D(low_res)
         logit = (self.fc2(h) + low[:, :1]) / 2
