@@ -73,10 +73,11 @@ class MemorySampler:
 def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sampler = MemorySampler()
-    from hagan_tf.training import limit_heap_growth
+    from hagan_tf.training import import_tensorflow_lean, limit_heap_growth
 
     if not heap_default:
         limit_heap_growth()  # as hagan-train does
+    import_tensorflow_lean()  # as hagan-train does
     import keras
     import numpy as np
     import tensorflow as tf

@@ -253,3 +253,24 @@ def test_flat_train_function_equals_keras_nested_one_and_stops_at_end_of_data(da
         weights.append(_snapshot(gan.trainable_variables))
     for flat, nested in zip(*weights):
         np.testing.assert_allclose(flat, nested, rtol=1e-5, atol=1e-6)
+
+
+def test_training_process_imports_tensorflow_without_sklearn_and_matplotlib():
+    # Keras imports both for optional integrations (~65 MB of heap); hagan-train skips them,
+    # and they stay importable for whoever needs them later in the process.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import hagan_tf.training.cli\n"
+        "from hagan_tf.training import import_tensorflow_lean\n"
+        "assert 'tensorflow' in sys.modules and 'keras' in sys.modules\n"
+        "assert 'sklearn' not in sys.modules and 'matplotlib' not in sys.modules, sys.modules.keys()\n"
+        "assert import_tensorflow_lean() is False\n"
+        "import sklearn.linear_model, matplotlib\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().endswith("ok")

@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 
-from . import limit_heap_growth
+from . import import_tensorflow_lean, limit_heap_growth
 
 limit_heap_growth()  # before TensorFlow starts its threads
+import_tensorflow_lean()
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
