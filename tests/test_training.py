@@ -256,7 +256,7 @@ def test_flat_train_function_equals_keras_nested_one_and_stops_at_end_of_data(da
 
 
 def test_training_process_imports_tensorflow_without_sklearn_and_matplotlib():
-    # Keras imports both for optional integrations (~65 MB of heap); hagan-train skips them,
+    # Keras imports both for optional integrations (~60 MB of heap); hagan-train skips them,
     # and they stay importable for whoever needs them later in the process.
     import subprocess
     import sys

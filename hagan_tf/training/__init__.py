@@ -27,7 +27,7 @@ def limit_heap_growth(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
 def import_tensorflow_lean() -> bool:
     """Import TensorFlow and Keras without the scikit-learn, SciPy and matplotlib that Keras
     imports for optional integrations (its scikit-learn wrappers, `plot_image_gallery`) and
-    training never uses: ~65 MB of heap for the whole run. Both stay importable afterwards;
+    training never uses: ~60 MB of heap for the whole run. Both stay importable afterwards;
     only those two Keras integrations go without. Returns False (and does nothing) when
     TensorFlow is already imported. Call at start, as importing hagan_tf.training.cli does."""
     if "tensorflow" in sys.modules:
