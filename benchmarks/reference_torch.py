@@ -89,10 +89,10 @@ def child(size: int, steps: int, batch: int, device: str = "cpu") -> dict:
         times.append(time.perf_counter() - t)
     times_sorted = sorted(times[1:])
     peak = sampler.stop()
-    out = {"peak_anon_mb": peak["RssAnon"], "peak_file_mb": peak["RssFile"], "size": size, "batch": batch, "threads": torch.get_num_threads(),
-            "first_step_s": times[0], "median_step_s": times_sorted[len(times_sorted) // 2],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "torch": torch.__version__, "device": device}
+    out = {"size": size, "batch": batch, "threads": torch.get_num_threads(), "device": device,
+           "first_step_s": times[0], "median_step_s": times_sorted[len(times_sorted) // 2],
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "peak_anon_mb": peak["RssAnon"], "peak_file_mb": peak["RssFile"], "torch": torch.__version__}
     if device != "cpu":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
         out["device_name"] = torch.cuda.get_device_name()
@@ -123,10 +123,12 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "rows": rows}, f, indent=2)
-    print_table(["S", "batch", "torch s/iteration (median)", "first step s", "peak RSS MB", "peak anon MB"],
+    print_table(["S", "batch", "torch s/iteration (median)", "first step s", "peak RSS MB", "peak anon MB",
+                 "peak GPU MB"],
                 [[r["size"], args.batch, f"error: {r['error']}"] if "error" in r
                  else [r["size"], r["batch"], f"{r['median_step_s']:.2f}", f"{r['first_step_s']:.1f}",
-                       f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}"]
+                       f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}",
+                       f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else "-"]
                  for r in rows])
     return 0
 
