@@ -2,6 +2,8 @@
 
     python benchmarks/train_step.py [--sizes 32 64 128 256] [--steps 3] [--policy float32]
                                     [--jit] [--strategy default|mirrored]
+                                    [--convs auto|rewrites|tf] [--grappler-off remapping ...]
+                                    [--profile-ops N]
 
 Each size runs in its own subprocess (peak RSS is its own). Prints a markdown table and writes
 benchmarks/results/train_step[-POLICY][-xla].json. On a GPU the same script reports GPU time;
@@ -70,10 +72,41 @@ class MemorySampler:
         return self.peak
 
 
-def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False):
+def top_ops(logdir, n):
+    """The n op types (GPU: kernels) that took the most time in a TensorBoard-profiler trace,
+    from its xplane.pb: [(name, total ms, count)], summed over threads and streams."""
+    import glob
+    from collections import defaultdict
+
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    totals = defaultdict(lambda: [0.0, 0])
+    for path in glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True):
+        space = xplane_pb2.XSpace()
+        with open(path, "rb") as f:
+            space.ParseFromString(f.read())
+        for plane in space.planes:
+            if not (plane.name.startswith("/device:GPU") or plane.name == "/host:CPU"):
+                continue
+            names = {k: m.name for k, m in plane.event_metadata.items()}
+            host = plane.name == "/host:CPU"
+            for line in plane.lines:
+                for ev in line.events:
+                    name = names.get(ev.metadata_id, "?")
+                    if host and ":" not in name:  # TF ops are "name:Type"; skip executor spans
+                        continue
+                    kind = name.split(":")[-1] if host else name[:60]  # GPU: kernel names
+                    totals[kind][0] += ev.duration_ps / 1e9
+                    totals[kind][1] += 1
+    return sorted(((k, round(v[0], 1), v[1]) for k, v in totals.items()), key=lambda r: -r[1])[:n]
+
+
+def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False, convs="auto",
+          grappler_off=(), profile_ops=0):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if convs != "auto":
+        os.environ["HAGAN_CONV_REWRITES"] = "1" if convs == "rewrites" else "0"
     sampler = MemorySampler()
-    from hagan_tf.training import import_tensorflow_lean, limit_heap_growth
+    from hagan_tf.training import import_tensorflow_lean, keep_channels_last_on_gpu, limit_heap_growth
 
     if not heap_default:
         limit_heap_growth()  # as hagan-train does
@@ -85,6 +118,9 @@ def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False):
     from hagan_tf import HAGAN, HAGANConfig
     from hagan_tf.training.cli import make_strategy
 
+    keep_channels_last_on_gpu()  # as hagan-train does
+    if grappler_off:
+        tf.config.optimizer.set_experimental_options({name: False for name in grappler_off})
     keras.mixed_precision.set_global_policy(policy)
     keras.utils.set_random_seed(0)
     strategy = make_strategy(strategy_kind)
@@ -108,6 +144,7 @@ def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False):
         float(np.asarray(logs["d_loss"]))  # wait for the step
         times.append(time.perf_counter() - t)
     out = {"size": size, "batch": batch, "policy": policy, "jit": jit, "strategy": strategy_kind,
+           "convs": convs, "grappler_off": list(grappler_off),
            "heap": "glibc default" if heap_default else "limit_heap_growth",
            "first_step_s": times[0], "median_step_s": float(np.median(times[1:])),
            "steps": steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -120,6 +157,17 @@ def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False):
         out["peak_gpu_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
         out["device"] = tf.config.experimental.get_device_details(
             tf.config.list_physical_devices("GPU")[0]).get("device_name")
+    if profile_ops:  # one more step under the profiler, after the times and memory are taken
+        import shutil
+        import tempfile
+        logdir = tempfile.mkdtemp(prefix="hagan-profile-")
+        try:
+            tf.profiler.experimental.start(logdir)
+            float(np.asarray(fn(it)["d_loss"]))
+            tf.profiler.experimental.stop()
+            out["top_ops_ms"] = top_ops(logdir, profile_ops)
+        finally:
+            shutil.rmtree(logdir, ignore_errors=True)
     return out
 
 
@@ -133,12 +181,19 @@ def main(argv=None):
     p.add_argument("--strategy", default="default", choices=["default", "mirrored"])
     p.add_argument("--heap-default", action="store_true",
                    help="keep glibc's default malloc settings (hagan-train changes them)")
+    p.add_argument("--convs", default="auto", choices=["auto", "rewrites", "tf"],
+                   help="force conv3d's CPU rewrites on or off (HAGAN_CONV_REWRITES); auto: off on a GPU "
+                        "or where TF runs oneDNN")
+    p.add_argument("--grappler-off", nargs="+", default=[], metavar="OPTIMIZER",
+                   help="Grappler optimizers to turn off, e.g. remapping")
+    p.add_argument("--profile-ops", type=int, default=0, metavar="N",
+                   help="profile one extra step and report its N most expensive op types")
     p.add_argument("--out")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.policy, args.jit, args.strategy, args.batch,
-                              args.heap_default)))
+                              args.heap_default, args.convs, args.grappler_off, args.profile_ops)))
         return 0
     rows = []
     for size in args.sizes:
@@ -146,6 +201,8 @@ def main(argv=None):
                "--batch", str(args.batch), "--policy", args.policy, "--strategy", args.strategy]
         cmd += ["--jit"] if args.jit else []
         cmd += ["--heap-default"] if args.heap_default else []
+        cmd += ["--convs", args.convs, "--profile-ops", str(args.profile_ops)]
+        cmd += ["--grappler-off", *args.grappler_off] if args.grappler_off else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode:
             rows.append({"size": size, "error": (res.stderr.strip().splitlines() or ["?"])[-1]})
@@ -160,12 +217,18 @@ def main(argv=None):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
-    print_table(["S", "batch", "policy", "XLA", "s/iteration (median)", "first step s", "peak RSS MB",
-                 "peak anon MB"],
-                [[r["size"], args.batch, args.policy, args.jit, f"error: {r['error']}"] if "error" in r
-                 else [r["size"], r["batch"], r["policy"], r["jit"], f"{r['median_step_s']:.2f}",
-                       f"{r['first_step_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}"]
+    print_table(["S", "batch", "policy", "XLA", "convs", "s/iteration (median)", "first step s",
+                 "peak RSS MB", "peak anon MB", "peak GPU MB"],
+                [[r["size"], args.batch, args.policy, args.jit, args.convs, f"error: {r['error']}"]
+                 if "error" in r
+                 else [r["size"], r["batch"], r["policy"], r["jit"], r["convs"], f"{r['median_step_s']:.3f}",
+                       f"{r['first_step_s']:.1f}", f"{r['peak_rss_mb']:.0f}", f"{r['peak_anon_mb']:.0f}",
+                       f"{r['peak_gpu_mb']:.0f}" if "peak_gpu_mb" in r else ""]
                  for r in rows])
+    for r in rows:
+        if r.get("top_ops_ms"):
+            print(f"\nS={r['size']}: op types by time in one profiled step (ms, count)")
+            print_table(["op", "ms", "count"], r["top_ops_ms"])
     return 0
 
 

@@ -11,6 +11,7 @@ different function and cannot load the published weights with forward parity.
 from __future__ import annotations
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -115,12 +116,45 @@ def _divide(w, sigma):
     return divide(w, sigma)
 
 
+def leaky_relu(x, alpha=0.2):
+    """LeakyReLU whose gradient reads its output (same sign as its input), as ReLU's does.
+
+    TF's gradient reads the input, so each discriminator layer kept both its pre-activation
+    and its output alive for the backward pass; now only the output, which the next layer's
+    gradient keeps anyway. (It also spares Grappler's oneDNN remapper a fusion it then
+    aborts on: "fanout LeakyReluGrad exist for missing node .../add".)
+    """
+    @tf.custom_gradient
+    def act(x):
+        y = tf.nn.leaky_relu(x, alpha)
+        return y, lambda dy: tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=alpha)
+    return act(tf.convert_to_tensor(x))
+
+
+CONV_REWRITES_ENV = "HAGAN_CONV_REWRITES"
+
+
+def _onednn_on() -> bool:
+    """Whether TF runs its CPU ops with oneDNN (by default on CPUs with AVX-512 VNNI/BF16/AMX,
+    or with TF_ENABLE_ONEDNN_OPTS=1)."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        return bool(_pywrap_util_port.IsMklEnabled())
+    except (ImportError, AttributeError):  # a private API: if it moves, assume Eigen's kernels
+        return False
+
+
 def _rewrite_convs() -> bool:
     """Whether conv3d and upsample_conv3d rewrite TF's convolutions (below). The rewrites are
-    for TF's CPU kernels; where a GPU is visible TF places the ops there, and cuDNN's own
-    gradients are faster: an H100 at 128^3 ran 0.044 s per iteration with them, 0.082 s with
-    the rewrites (benchmarks/RESULTS.md)."""
-    return not tf.config.list_logical_devices("GPU")
+    for the Eigen CPU kernels TF uses without oneDNN. cuDNN's and oneDNN's own gradients are
+    faster: at 128^3 an H100 ran 0.044 s per iteration with them, 0.082 s with the rewrites,
+    and two AMX Xeon cores in mixed bfloat16 3.75 s against 8.02 s (benchmarks/RESULTS.md).
+    HAGAN_CONV_REWRITES=1/0 forces the choice (for benchmarks); it is read when a step is traced.
+    """
+    forced = os.environ.get(CONV_REWRITES_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not tf.config.list_logical_devices("GPU") and not _onednn_on()
 
 
 def conv3d(x, kernel, strides=1, padding="SAME"):
@@ -429,6 +463,20 @@ _PARITY_TAPS = np.array([[[1, 0, 0], [0, 1, 0], [0, 1, 0]],
                          [[0, 1, 0], [0, 1, 0], [0, 0, 1]]], np.float32)
 
 
+def upsample_nearest(x):
+    """Nearest x2 upsampling of [B, D, H, W, C]: one broadcast per axis, innermost first, each
+    on a rank-4 view (TF's CPU BroadcastTo stops at rank 5). ~10 ops forward and backward
+    where three ops.repeat take ~50: a GPU step is bound by dispatching its ops."""
+    d, h, w = _spatial(x)
+    c = x.shape[-1]
+    inner = c  # elements per step of the axis being repeated, after the earlier repeats
+    for n in (w, h, d):
+        x = tf.reshape(x, [-1, n, 1, inner])
+        x = tf.broadcast_to(x, tf.concat([tf.shape(x)[:1], [n, 2, inner]], 0))
+        inner *= 2 * n
+    return tf.reshape(x, [-1, 2 * d, 2 * h, 2 * w, c])
+
+
 def _per_parity_kernels(kernel, taps):
     """[3,3,3,in,out] kernel, taps [P,3,J] -> [P,P,P, J,J,J, in, out], one spatial axis at a time."""
     k = kernel
@@ -495,7 +543,7 @@ class ConvBlock(layers.Layer):
 
     def call(self, x):
         if self.upsample and (_weights_dominate(x) or not _rewrite_convs()):
-            x = self.conv(ops.repeat(ops.repeat(ops.repeat(x, 2, 1), 2, 2), 2, 3))
+            x = self.conv(upsample_nearest(x))
         elif self.upsample:
             x = upsample_conv3d(x, self.conv.kernel) + self.conv.bias
         else:
@@ -527,7 +575,7 @@ class SNConvLeaky(layers.Layer):
 
     def call(self, x, training=False):
         x = self.conv(x, training=training)
-        return ops.leaky_relu(x, 0.2) if self.activate else x
+        return leaky_relu(x, 0.2) if self.activate else x
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,

@@ -19,7 +19,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import HAGANConfig
-from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, SNConvLeaky, SNDense
+from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, SNConvLeaky, SNDense, leaky_relu
 
 # G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
 COMMON_CHANNELS = (512, 512, 256, 128, 64)
@@ -154,7 +154,7 @@ class HighResDiscriminator(_Network):
     def call(self, slab, position, training=False):
         h = self.convs(slab, training=training)
         pos = ops.reshape(ops.cast(position, h.dtype), (-1, 1)) * ops.ones_like(h[:, :1])
-        h = ops.leaky_relu(self.fc1(ops.concatenate([h, pos], -1), training=training), 0.2)
+        h = leaky_relu(self.fc1(ops.concatenate([h, pos], -1), training=training), 0.2)
         logit = self.fc2(h, training=training)
         if self.fc_class is None:
             return logit

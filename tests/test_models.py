@@ -1,10 +1,15 @@
 """Issue 2: the networks — parameter counts, shapes, slab alignment, SN semantics, serialisation."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import keras
+from keras import ops
 from hagan_tf import HAGAN, HAGANConfig
 from hagan_tf.layers import SNConv3D, SNDense
 
@@ -283,6 +288,65 @@ def test_with_a_gpu_visible_conv_blocks_use_tf_own_convolutions(monkeypatch):
     np.testing.assert_allclose(loss_gpu, loss_cpu, rtol=1e-4)
     for g_cpu, g_gpu in zip(grads_cpu, grads_gpu):
         np.testing.assert_allclose(g_gpu, g_cpu, rtol=1e-4, atol=1e-4 * float(tf.reduce_max(tf.abs(g_cpu))))
+
+
+def test_conv_rewrites_follow_the_device_unless_forced(monkeypatch):
+    import hagan_tf.layers as L
+    from hagan_tf.layers import CONV_REWRITES_ENV, _rewrite_convs
+
+    monkeypatch.delenv(CONV_REWRITES_ENV, raising=False)
+    monkeypatch.setattr(L, "_onednn_on", lambda: False)
+    assert _rewrite_convs() is True  # Eigen's CPU kernels: the tests see no GPU
+    monkeypatch.setattr(L, "_onednn_on", lambda: True)
+    assert _rewrite_convs() is False  # oneDNN's kernels and gradients
+    monkeypatch.setenv(CONV_REWRITES_ENV, "0")
+    assert _rewrite_convs() is False
+    monkeypatch.setenv(CONV_REWRITES_ENV, "1")
+    assert _rewrite_convs() is True
+
+
+def test_onednn_is_detected_from_tensorflow():
+    # _onednn_on reads a private TF function: if it moved, every oneDNN CPU would fall back to
+    # the rewrites (2x slower in bfloat16) without a word. A fresh process, as TF reads the
+    # variable once.
+    code = "from hagan_tf.layers import _onednn_on; print(_onednn_on())"
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "True"
+
+
+def test_upsample_nearest_equals_repeat_in_values_and_gradients():
+    from hagan_tf.layers import upsample_nearest
+
+    x = tf.random.stateless_normal((2, 3, 4, 5, 6), [5, 6])
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        ours, ref = upsample_nearest(x), ops.repeat(ops.repeat(ops.repeat(x, 2, 1), 2, 2), 2, 3)
+        l_ours, l_ref = tf.reduce_sum(tf.sin(ours) * ours), tf.reduce_sum(tf.sin(ref) * ref)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_allclose(tape.gradient(l_ours, x), tape.gradient(l_ref, x), rtol=1e-6)
+
+
+def test_leaky_relu_gradient_reads_the_output_and_equals_tf():
+    from hagan_tf.layers import leaky_relu
+
+    x = tf.constant([-3.0, -0.5, 0.0, 0.25, 2.0])
+
+    @tf.function
+    def f(x):
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            ours, ref = leaky_relu(x, 0.2), tf.nn.leaky_relu(x, 0.2)
+            l_ours, l_ref = tf.reduce_sum(tf.sin(3 * ours)), tf.reduce_sum(tf.sin(3 * ref))
+        return ours, ref, tape.gradient(l_ours, x), tape.gradient(l_ref, x)
+
+    ours, ref, g_ours, g_ref = f(x)
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(g_ours, g_ref)
+    nodes = {n.name: n for n in f.get_concrete_function(x).graph.as_graph_def().node}
+    grads = [n for n in nodes.values() if n.op == "LeakyReluGrad"]
+    feature_ops = sorted(nodes[g.input[1].split(":")[0]].op for g in grads)
+    assert feature_ops == ["LeakyRelu", "Placeholder"]  # ours reads y, TF's reads x
 
 
 def test_conv_layers_use_the_lean_convolution_and_keep_their_weights():

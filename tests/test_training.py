@@ -274,3 +274,19 @@ def test_training_process_imports_tensorflow_without_sklearn_and_matplotlib():
                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip().endswith("ok")
+
+
+def test_layout_optimizer_is_turned_off_only_with_a_gpu(monkeypatch):
+    # On a GPU the layout optimizer wraps each cuDNN convolution in NDHWC<->NCDHW transposes.
+    from hagan_tf.training import keep_channels_last_on_gpu
+
+    before = tf.config.optimizer.get_experimental_options()
+    try:
+        assert keep_channels_last_on_gpu() is False  # the tests see no GPU
+        assert tf.config.optimizer.get_experimental_options() == before
+        monkeypatch.setattr(tf.config, "list_physical_devices",
+                            lambda kind=None: ["/physical_device:GPU:0"] if kind == "GPU" else [])
+        assert keep_channels_last_on_gpu() is True
+        assert tf.config.optimizer.get_experimental_options()["layout_optimizer"] is False
+    finally:
+        tf.config.optimizer.set_experimental_options({"layout_optimizer": before.get("layout_optimizer", True)})

@@ -44,6 +44,20 @@ def import_tensorflow_lean() -> bool:
     return True
 
 
+def keep_channels_last_on_gpu() -> bool:
+    """Turn Grappler's layout optimizer off when a GPU is visible. It wraps every cuDNN
+    convolution of our channels-last (NDHWC) graph in transposes to NCDHW, which cuDNN does not
+    need; an iteration on a GPU is bound by dispatching its ops. Measured on an H100 at 128^3
+    (benchmarks/RESULTS.md): 0.044 s and 1302 MB per iteration without it, 0.050 s and 1414 MB
+    with it. A process-wide TF option; hagan-train sets it at start. No-op without a GPU."""
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        return False
+    tf.config.optimizer.set_experimental_options({"layout_optimizer": False})
+    return True
+
+
 def _unblock(names):
     for name in names:
         if name in sys.modules and sys.modules[name] is None:

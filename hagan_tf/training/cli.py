@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from . import import_tensorflow_lean, limit_heap_growth
+from . import import_tensorflow_lean, keep_channels_last_on_gpu, limit_heap_growth
 
 limit_heap_growth()  # before TensorFlow starts its threads
 import_tensorflow_lean()
@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--strategy", default="auto", choices=["auto", "mirrored", "multiworker", "default"])
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    keep_channels_last_on_gpu()
     try:
         config = load_config(args.config).with_overrides(args.set)
         if args.max_steps is not None:
