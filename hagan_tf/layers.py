@@ -121,8 +121,7 @@ def leaky_relu(x, alpha=0.2):
 
     TF's gradient reads the input, so each discriminator layer kept both its pre-activation
     and its output alive for the backward pass; now only the output, which the next layer's
-    gradient keeps anyway. (It also spares Grappler's oneDNN remapper a fusion it then
-    aborts on: "fanout LeakyReluGrad exist for missing node .../add".)
+    gradient keeps anyway.
     """
     @tf.custom_gradient
     def act(x):
@@ -465,8 +464,8 @@ _PARITY_TAPS = np.array([[[1, 0, 0], [0, 1, 0], [0, 1, 0]],
 
 def upsample_nearest(x):
     """Nearest x2 upsampling of [B, D, H, W, C]: one broadcast per axis, innermost first, each
-    on a rank-4 view (TF's CPU BroadcastTo stops at rank 5). ~10 ops forward and backward
-    where three ops.repeat take ~50: a GPU step is bound by dispatching its ops."""
+    on a rank-4 view (TF's CPU BroadcastTo stops at rank 5). Half the graph nodes of three
+    ops.repeat, forward and backward: a GPU step is bound by dispatching its ops."""
     d, h, w = _spatial(x)
     c = x.shape[-1]
     inner = c  # elements per step of the axis being repeated, after the earlier repeats
