@@ -10,6 +10,7 @@ different function and cannot load the published weights with forward parity.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -133,6 +134,7 @@ def leaky_relu(x, alpha=0.2):
 CONV_REWRITES_ENV = "HAGAN_CONV_REWRITES"
 
 
+@functools.cache  # fixed for the process; asked by every convolution when a step is traced
 def _onednn_on() -> bool:
     """Whether TF runs its CPU ops with oneDNN (by default on CPUs with AVX-512 VNNI/BF16/AMX,
     or with TF_ENABLE_ONEDNN_OPTS=1)."""
