@@ -41,6 +41,17 @@ class HAGANConfig:
     spacing: float = 1.0  # voxel size in mm of the training volumes (NIfTI affine of samples)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
+        positive = ("batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+                    "image_every", "shuffle_buffer", "lr_g", "lr_d", "lr_eh", "lr_eg", "spacing")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not (0 <= self.beta_1 < 1 and 0 <= self.beta_2 < 1):
+            raise ValueError(f"beta_1 and beta_2 must be in [0, 1), got {self.beta_1}, {self.beta_2}")
+        if self.lambda_class < 0 or (self.fold is not None and self.fold < 0):
+            raise ValueError("lambda_class and fold must be >= 0")
         if self.size < 32 or self.size > 512 or 2 ** int(round(math.log2(self.size))) != self.size:
             raise ValueError(f"size must be a power of two from 32 to 512, got {self.size}")
         if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0:
@@ -109,3 +120,32 @@ class HAGANConfig:
             k, v = item.split("=", 1)
             out[k.strip()] = yaml.safe_load(v)
         return self.replace(**out)
+
+
+def _coerce(name: str, annotation: str, value: Any) -> Any:
+    """Check a field against its annotation. YAML reads `1e-4` (no dot) as a string and a typo as
+    any type, so numbers are parsed here and anything else is a clear error, not a late crash."""
+    if value is None and annotation.endswith("| None"):
+        return None
+    kind = annotation.split("|")[0].strip()
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{name} must be a string, got {value!r}")
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is None or not math.isfinite(number):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if kind == "int":
+        if not number.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return int(number)
+    return number

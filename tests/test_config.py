@@ -29,7 +29,9 @@ def test_yaml_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [{"size": 48}, {"size": 16}, {"size": 1024}, {"width": 0},
-                                 {"downsample": "cubic"}, {"mixed_precision": "fp8"}])
+                                 {"downsample": "cubic"}, {"mixed_precision": "fp8"},
+                                 {"batch_size": 0}, {"log_every": 0}, {"lr_d": -1e-4},
+                                 {"beta_2": 1.0}, {"fold": -1}, {"spacing": 0}])
 def test_invalid_values_are_rejected(bad):
     with pytest.raises(ValueError):
         HAGANConfig(**bad)
@@ -47,3 +49,22 @@ def test_unknown_keys_and_overrides():
 def test_channels_stay_multiples_of_eight():
     cfg = HAGANConfig(size=32, width=0.1)
     assert all(cfg.channels(c) % 8 == 0 and cfg.channels(c) >= 8 for c in (16, 32, 64, 512))
+
+
+def test_overrides_are_parsed_to_the_fields_types():
+    # PyYAML reads 1e-4 (no dot) as a string; a learning rate given so must still be a float
+    cfg = HAGANConfig(size=32).with_overrides(["lr_g=1e-4", "max_steps=8e4", "width=1", "fold=null"])
+    assert (cfg.lr_g, cfg.max_steps, cfg.width, cfg.fold) == (1e-4, 80000, 1.0, None)
+    assert (type(cfg.lr_g), type(cfg.max_steps), type(cfg.width)) == (float, int, float)
+
+
+@pytest.mark.parametrize("item,message", [
+    ("batch_size=abc", "batch_size must be a number, got 'abc'"),
+    ("seed=1.5", "seed must be an integer"),
+    ("jit_compile=maybe", "jit_compile must be true or false"),  # a string would be truthy
+    ("downsample=3", "downsample must be a string"),
+    ("log_every=0", "log_every must be > 0"),
+])
+def test_overrides_of_the_wrong_type_are_clear_errors(item, message):
+    with pytest.raises(ValueError, match=message):
+        HAGANConfig(size=32).with_overrides([item])
