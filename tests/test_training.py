@@ -213,7 +213,32 @@ def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
     assert "no config file or preset" in capsys.readouterr().err
     rc = train_main(["--config", "tiny_32", "--set", "size=64", "--data", data,
                      "--out", str(tmp_path / "r")])
-    assert rc == 2 and "size is 64" in capsys.readouterr().err
+    assert rc == 2 and "are not 64^3 (e.g. phantom" in capsys.readouterr().err
+
+
+def test_records_of_another_size_are_refused_by_name_before_any_work(data, tmp_path, capsys):
+    from hagan_tf.apps.embed import main as embed_main
+    from hagan_tf.data.pipeline import check_size
+
+    check_size(data, 32)
+    with pytest.raises(ValueError, match=r"^\d+ of \d+ volume\(s\) .* are not 64\^3 \(e.g. phantom\d+: \(32, 32, 32\)\)"):
+        check_size(data, 64)
+    bare = tmp_path / "bare"  # no manifest: the first record stands for all
+    bare.mkdir()
+    for name in os.listdir(data):
+        if name.endswith(".tfrecord"):
+            os.symlink(os.path.join(data, name), bare / name)
+    with pytest.raises(ValueError, match=r"^the volumes .* are not 64\^3"):
+        check_size(str(bare), 64)
+    run = str(tmp_path / "run")
+    from hagan_tf.run import save_model, write_config
+    cfg = HAGANConfig(size=64, width=0.125, latent_dim=16)
+    write_config(run, cfg)
+    save_model(run, HAGAN(cfg), 0)
+    with pytest.raises(SystemExit) as e:
+        embed_main(["--run", run, "--data", data, "--out", str(tmp_path / "e.csv")])
+    assert e.value.code == 2 and "hagan-preprocess --size 64" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "e.csv")
 
 
 def test_nan_loss_stops_with_its_name_and_step_and_keeps_last_checkpoint(data, tmp_path, capsys):

@@ -32,6 +32,25 @@ def count_examples(data_dir: str, folds=None, exclude_folds=None) -> int:
     return int(ds.filter(_fold_filter(folds, exclude_folds)).reduce(0, lambda n, _: n + 1))
 
 
+def check_size(data_dir: str, size: int) -> None:
+    """Fail before any work, with the subjects' names, when records are not `size`^3: the
+    manifest lists every shape; without one, the first record stands for all."""
+    rows = read_manifest(data_dir)
+    counted = bool(rows)
+    if not rows:
+        first = next(iter(tf.data.TFRecordDataset(shard_paths(data_dir)[:1]).take(1)), None)
+        if first is None:
+            raise ValueError(f"the first shard in {data_dir!r} is empty")
+        r = parse_example(first)
+        rows = [{"subject_id": r["subject_id"].numpy().decode(), "shape": r["volume"].shape[:3]}]
+    bad = [r for r in rows if "shape" in r and tuple(r["shape"]) != (size,) * 3]
+    if bad:
+        which = f"{len(bad)} of {len(rows)} volume(s)" if counted else "the volumes"
+        raise ValueError(f"{which} in {data_dir!r} are not {size}^3 "
+                         f"(e.g. {bad[0]['subject_id']}: {tuple(bad[0]['shape'])}): preprocess "
+                         f"them with hagan-preprocess --size {size}")
+
+
 def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
                  folds: list[int] | None = None, exclude_folds: list[int] | None = None,
                  shuffle: int = 64, repeat: bool = True, seed: int = 0,

@@ -17,7 +17,7 @@ import textwrap
 
 import numpy as np
 
-from ..data.records import read_manifest, shard_paths
+from ..data.records import read_manifest
 from ..io import montage_png
 from .features import EXTRACTORS, make_extractor
 from .inception import SliceInceptionScorer, load_inception
@@ -106,15 +106,13 @@ def _need_two(n, args):
 
 def count_real(args, size) -> int | None:
     """Real volumes the manifest promises for this fold (None without a manifest); fails early."""
-    shard_paths(args.real)  # raises FileNotFoundError for a directory without shards
+    from ..data.pipeline import check_size
+
+    check_size(args.real, size)  # and FileNotFoundError for a directory without shards
     rows = read_manifest(args.real)
     if not rows:
         return None
     rows = [r for r in rows if args.fold is None or r.get("fold") == args.fold]
-    bad = [r["subject_id"] for r in rows if r.get("shape", [size] * 3) != [size] * 3]
-    if bad:
-        raise ValueError(f"{len(bad)} real volume(s) are not {size}^3 like the model (e.g. {bad[0]}); "
-                         f"preprocess them at --size {size}")
     _need_two(len(rows), args)
     return min(len(rows), args.n)
 

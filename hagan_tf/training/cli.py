@@ -16,8 +16,7 @@ import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
-from ..data.pipeline import make_dataset  # noqa: E402
-from ..data.records import parse_example, shard_paths  # noqa: E402
+from ..data.pipeline import check_size, make_dataset  # noqa: E402
 from .callbacks import Checkpointer, Monitor  # noqa: E402
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
@@ -70,16 +69,6 @@ def check_resume(run_dir: str, config: HAGANConfig) -> None:
                          "use another --out, or the same settings to resume")
 
 
-def check_data(data_dir: str, size: int) -> None:
-    first = next(iter(tf.data.TFRecordDataset(shard_paths(data_dir)[:1]).take(1)), None)
-    if first is None:
-        raise ValueError(f"the first shard in {data_dir!r} is empty")
-    shape = parse_example(first)["volume"].shape
-    if tuple(shape[:3]) != (size, size, size):
-        raise ValueError(f"records in {data_dir!r} are {tuple(shape[:3])} volumes but the config's "
-                         f"size is {size}: preprocess with --size {size} or set size")
-
-
 def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
           progress: bool = True, verbose: bool = True) -> dict:
     """Train (or resume) until config.max_steps.
@@ -89,7 +78,7 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     """
     strategy = strategy or make_strategy()  # before any TF op: multi-worker collectives need it
     check_resume(run_dir, config)
-    check_data(data_dir, config.size)
+    check_size(data_dir, config.size)
     chief = is_chief(strategy)
     if chief:
         rundir.write_config(run_dir, config)
