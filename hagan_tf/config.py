@@ -101,11 +101,11 @@ class HAGANConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "HAGANConfig":
-        with open(path) as f:
+        with _open(path, "r") as f:
             return cls.from_dict(yaml.safe_load(f) or {})
 
     def to_yaml(self, path: str) -> None:
-        with open(path, "w") as f:
+        with _open(path, "w") as f:
             yaml.safe_dump(self.to_dict(), f, sort_keys=False)
 
     def replace(self, **overrides) -> "HAGANConfig":
@@ -120,6 +120,16 @@ class HAGANConfig:
             k, v = item.split("=", 1)
             out[k.strip()] = yaml.safe_load(v)
         return self.replace(**out)
+
+
+def _open(path, mode: str):
+    """Local files with `open`; URLs (gs://, s3://, hdfs://) through TensorFlow's file systems,
+    imported only then so that reading a config stays light."""
+    if "://" not in str(path):
+        return open(path, mode)
+    import tensorflow as tf
+
+    return tf.io.gfile.GFile(str(path), mode)
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:

@@ -3,6 +3,9 @@
   RUN_DIR/config.yaml          the resolved HAGANConfig
   RUN_DIR/checkpoints/ckpt-N*  tf.train.Checkpoint: model (+ optimizers, step, RNG in training)
   RUN_DIR/tensorboard/         TensorBoard event files
+
+RUN_DIR may be a URL (gs://...): every access goes through tf.io.gfile, so workers on several
+machines can share one run directory.
 """
 
 from __future__ import annotations
@@ -24,16 +27,16 @@ def config_path(run_dir: str) -> str:
 
 def read_config(run_dir: str) -> HAGANConfig:
     path = config_path(run_dir)
-    if not os.path.exists(path):
+    if not tf.io.gfile.exists(path):
         raise FileNotFoundError(f"{run_dir!r} is not a run directory: {CONFIG} is missing")
     return HAGANConfig.from_yaml(path)
 
 
 def write_config(run_dir: str, config: HAGANConfig) -> None:
-    os.makedirs(run_dir, exist_ok=True)
+    tf.io.gfile.makedirs(run_dir)
     tmp = config_path(run_dir) + ".tmp"
     config.to_yaml(tmp)
-    os.replace(tmp, config_path(run_dir))
+    tf.io.gfile.rename(tmp, config_path(run_dir), overwrite=True)
 
 
 def checkpoint_manager(run_dir: str, checkpoint: tf.train.Checkpoint, keep: int = 3):

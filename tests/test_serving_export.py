@@ -104,6 +104,31 @@ def test_a_failed_export_leaves_no_version_behind(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "hagan") == []
 
 
+def test_run_and_model_directories_may_be_urls(exported, tmp_path, monkeypatch):
+    """A file:// URL stands in for gs://: the config, checkpoints and the export must go through
+    tf.io.gfile (plain `os` calls would write a relative 'file:' directory into the working
+    directory), and an object store's export moves saved_model.pb last."""
+    gan = exported[0]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    run, base = f"file://{tmp_path}/run", f"file://{tmp_path}/models"
+    write_config(run, CFG)
+    save_model(run, gan, 7)
+    moved, rename = [], tf.io.gfile.rename
+    monkeypatch.setattr(tf.io.gfile, "rename",
+                        lambda a, b, overwrite=False: (moved.append(b), rename(a, b, overwrite)))
+    assert export.main(["--run", run, "--model-base", base]) == 0
+    assert moved[-1] == f"{base}/hagan/7/saved_model.pb" and len(moved) > 3
+    assert os.listdir(tmp_path / "models" / "hagan") == ["7"]  # the temporary directory is gone
+    assert os.listdir(cwd) == []
+    model = open_model(model_base=base)
+    assert model.config == CFG
+    z = gan.sample_z(1, seed=3)
+    np.testing.assert_allclose(model.generate(z), gan.generate(z).numpy(), atol=1e-5)
+    assert export.default_version(f"{base}/hagan", 7) == 8
+
+
 def test_cli_refuses_bad_arguments(exported, tmp_path, capsys):
     _, base, _ = exported
     run = str(tmp_path / "run")

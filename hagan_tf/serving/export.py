@@ -12,17 +12,18 @@ extra input of every generating signature when the model is class-conditional.
   config                        format string [] ("yaml")        -> config string [], the YAML
 
 A version is written to a hidden temporary directory next to its final place and renamed in
-one step, so a server polling DIR never sees half of it.
+one step, so a server polling DIR never sees half of it. DIR may be a URL (gs://...), which TF
+Serving reads too; there the files move one by one, `saved_model.pb` last, since a server only
+loads a version once that file is there.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import types
+import uuid
 
 import tensorflow as tf
 import yaml
@@ -123,10 +124,11 @@ class ServingModule(tf.Module):
 
 def versions(model_dir: str) -> list[int]:
     """Numbered version directories under DIR/NAME, ascending."""
-    if not os.path.isdir(model_dir):
+    if not tf.io.gfile.isdir(model_dir):
         return []
-    return sorted(int(v) for v in os.listdir(model_dir)
-                  if v.isdigit() and os.path.isdir(os.path.join(model_dir, v)))
+    names = (v.rstrip("/") for v in tf.io.gfile.listdir(model_dir))
+    return sorted(int(v) for v in names
+                  if v.isdigit() and tf.io.gfile.isdir(os.path.join(model_dir, v)))
 
 
 def default_version(model_dir: str, step: int) -> int:
@@ -145,21 +147,35 @@ def export_model(gan, model_base: str, name: str = DEFAULT_MODEL_NAME, version: 
         raise ValueError(f"version must be >= 0, got {version}")
     model_dir = os.path.join(model_base, name)
     final = os.path.join(model_dir, str(version))
-    if os.path.exists(final):
+    if tf.io.gfile.exists(final):
         raise FileExistsError(f"{final!r} already exists; pick another --version")
-    os.makedirs(model_dir, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=model_dir)
+    tf.io.gfile.makedirs(model_dir)
+    tmp = os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}")
     try:
         module = ServingModule(gan)
         tf.saved_model.save(module, tmp, signatures=module.signatures())
-        os.makedirs(os.path.join(tmp, os.path.dirname(CONFIG_ASSET)), exist_ok=True)
+        tf.io.gfile.makedirs(os.path.join(tmp, os.path.dirname(CONFIG_ASSET)))
         gan.config_.to_yaml(os.path.join(tmp, CONFIG_ASSET))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a serving container must read it
-        os.rename(tmp, final)  # atomic; fails instead of merging if `final` appeared meanwhile
+        if "://" in model_base:
+            _move_files(tmp, final)
+        else:
+            os.rename(tmp, final)  # atomic; fails instead of merging if `final` appeared meanwhile
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tf.io.gfile.exists(tmp):
+            tf.io.gfile.rmtree(tmp)
         raise
     return final
+
+
+def _move_files(src: str, dst: str) -> None:
+    """Object stores have no directory rename: move each file, saved_model.pb last."""
+    files = [os.path.join(root, f) for root, _, names in tf.io.gfile.walk(src) for f in names]
+    files.sort(key=lambda f: os.path.basename(f) == "saved_model.pb")
+    for f in files:
+        target = os.path.join(dst, f[len(src):].lstrip("/"))
+        tf.io.gfile.makedirs(os.path.dirname(target))
+        tf.io.gfile.rename(f, target)
+    tf.io.gfile.rmtree(src)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,7 +200,7 @@ def main(argv=None) -> int:
     if not args.name or args.name.startswith(".") or os.sep in args.name:
         parser.error(f"--name must be a plain directory name, got {args.name!r}")
     model_dir = os.path.join(args.model_base, args.name)
-    if args.version is not None and os.path.exists(os.path.join(model_dir, str(args.version))):
+    if args.version is not None and tf.io.gfile.exists(os.path.join(model_dir, str(args.version))):
         parser.error(f"{os.path.join(model_dir, str(args.version))!r} already exists; "
                      "pick another --version")
     from ..run import load_hagan

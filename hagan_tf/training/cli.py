@@ -49,7 +49,7 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 def load_config(path_or_preset: str) -> HAGANConfig:
     """A YAML path, or the name of a preset shipped in hagan_tf/configs (e.g. `tiny_32`)."""
-    if os.path.exists(path_or_preset):
+    if tf.io.gfile.exists(path_or_preset):
         return HAGANConfig.from_yaml(path_or_preset)
     preset = os.path.join(os.path.dirname(__file__), "..", "configs", f"{path_or_preset}.yaml")
     if os.path.exists(preset):
@@ -58,7 +58,7 @@ def load_config(path_or_preset: str) -> HAGANConfig:
 
 
 def check_resume(run_dir: str, config: HAGANConfig) -> None:
-    if not os.path.exists(rundir.config_path(run_dir)):
+    if not tf.io.gfile.exists(rundir.config_path(run_dir)):
         return
     saved = rundir.read_config(run_dir).to_dict()
     diff = {k: (saved[k], v) for k, v in config.to_dict().items()
