@@ -241,6 +241,31 @@ def test_records_of_another_size_are_refused_by_name_before_any_work(data, tmp_p
     assert not os.path.exists(tmp_path / "e.csv")
 
 
+def test_sigterm_saves_the_running_step_and_exits_143(data, tmp_path):
+    """Preemption (SIGTERM) or Ctrl-C ends training after the running step with a checkpoint of
+    it, not of the last multiple of checkpoint_every (10 in tiny_32)."""
+    import signal
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "hagan_tf.training.cli", "--config", "tiny_32",
+                             "--data", data, "--out", run, "--max-steps", "200"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err = b""
+    while b" 2/200" not in err:  # the progress bar has shown step 2
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, err.decode()[-2000:]
+        err += chunk
+    proc.send_signal(signal.SIGTERM)
+    out, rest = proc.communicate(timeout=300)
+    assert proc.returncode == 143, (err + rest).decode()[-2000:]
+    step = int(tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).rsplit("-", 1)[1])
+    assert 2 <= step < 10
+    assert f"step {step}: checkpoint" in out.decode() and "stopped by SIGTERM" in out.decode()
+    assert b"SIGTERM: stopping after this step" in err + rest
+
+
 def test_nan_loss_stops_with_its_name_and_step_and_keeps_last_checkpoint(data, tmp_path, capsys):
     run = str(tmp_path / "run")
     cfg = tiny(max_steps=2)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 
 import keras
@@ -126,3 +129,43 @@ class Monitor(keras.callbacks.Callback):
             self.bar.close()
         if self.writer is not None:
             self.writer.flush()
+
+
+class StopOnSignal(keras.callbacks.Callback):
+    """Ctrl-C or SIGTERM (preemption, `scancel`, `docker stop`) ends fit() after the running
+    step, so that the Checkpointer saves it on the way out instead of losing up to
+    `checkpoint_every` steps; a second signal quits at once. Use as a context manager around fit().
+
+    Single-worker only: with several workers, one that stopped alone would leave the others
+    waiting in a collective.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        super().__init__()
+        self.received: signal.Signals | None = None
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum)
+        if self.model is not None:
+            self.model.stop_training = True
+        print(f"\n{self.received.name}: stopping after this step and saving a checkpoint "
+              "(send it again to quit without saving)", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.received is not None:  # fit() clears the flag when it starts
+            self.model.stop_training = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -17,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
 from ..data.pipeline import check_size, make_dataset  # noqa: E402
-from .callbacks import Checkpointer, Monitor  # noqa: E402
+from .callbacks import Checkpointer, Monitor, StopOnSignal  # noqa: E402
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every"}
@@ -70,7 +71,7 @@ def check_resume(run_dir: str, config: HAGANConfig) -> None:
 
 
 def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
-          progress: bool = True, verbose: bool = True) -> dict:
+          progress: bool = True, verbose: bool = True, handle_signals: bool = False) -> dict:
     """Train (or resume) until config.max_steps.
 
     Returns {'step', 'checkpoint', 'error', 'model', 'chief'}; 'chief' is whether this process
@@ -121,13 +122,16 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
                       progress=progress and chief)
     checkpointer = Checkpointer(saver, step_var, config.checkpoint_every, guard=monitor,
                                 scratch=scratch)
-    gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start, shuffle=False,  # ds shuffles
-            callbacks=[monitor, checkpointer], verbose=0)
+    several_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    stopper = StopOnSignal() if handle_signals and not several_workers else None
+    with stopper or contextlib.nullcontext():
+        gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start, shuffle=False,  # ds shuffles
+                callbacks=[monitor, checkpointer] + ([stopper] if stopper else []), verbose=0)
     step = int(gan.step.numpy())
     if monitor.error and verbose:
         print(f"error: {monitor.error}: {manager.latest_checkpoint}", file=sys.stderr)
     return {"step": step, "checkpoint": manager.latest_checkpoint, "error": monitor.error,
-            "model": gan, "chief": chief}
+            "model": gan, "chief": chief, "signal": stopper and stopper.received}
 
 
 def main(argv=None) -> int:
@@ -147,7 +151,7 @@ def main(argv=None) -> int:
         if args.max_steps is not None:
             config = config.replace(max_steps=args.max_steps)
         result = train(config, args.data, args.out, make_strategy(args.strategy),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, handle_signals=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"hagan-train: error: {e}", file=sys.stderr)
         return 2
@@ -159,6 +163,9 @@ def main(argv=None) -> int:
         return 0
     print(f"step {result['step']}: checkpoint {result['checkpoint']}; "
           f"TensorBoard: tensorboard --logdir {os.path.join(args.out, rundir.TENSORBOARD)}")
+    if result.get("signal") is not None:
+        print(f"stopped by {result['signal'].name}: re-run the same command to resume")
+        return 128 + int(result["signal"])
     return 0
 
 
