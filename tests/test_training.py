@@ -98,6 +98,8 @@ def test_mirrored_strategy_two_replicas(data):
         values = strategy.experimental_local_results(v.value)
         assert len(values) == 2
         np.testing.assert_array_equal(values[0].numpy(), values[1].numpy(), err_msg=v.path)
+    with pytest.raises(ValueError, match="batch_size 3 is the global batch and must be a multiple of the 2"):
+        train(tiny(batch_size=3), data, "/nonexistent/run", strategy, progress=False)
 
 
 _WORKER = """

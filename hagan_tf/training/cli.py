@@ -74,10 +74,15 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
           progress: bool = True, verbose: bool = True, handle_signals: bool = False) -> dict:
     """Train (or resume) until config.max_steps.
 
-    Returns {'step', 'checkpoint', 'error', 'model', 'chief'}; 'chief' is whether this process
-    wrote the run directory (false on the other workers of a multi-worker run).
+    Returns {'step', 'checkpoint', 'error', 'model', 'chief', 'signal'}; 'chief' is whether
+    this process wrote the run directory (false on the other workers of a multi-worker run),
+    'signal' the SIGINT/SIGTERM that stopped it early (with `handle_signals`).
     """
     strategy = strategy or make_strategy()  # before any TF op: multi-worker collectives need it
+    replicas = strategy.num_replicas_in_sync
+    if config.batch_size % replicas:  # an uneven split would scale the replicas' losses wrongly
+        raise ValueError(f"batch_size {config.batch_size} is the global batch and must be a "
+                         f"multiple of the {replicas} replicas")
     check_resume(run_dir, config)
     check_size(data_dir, config.size)
     chief = is_chief(strategy)
