@@ -220,18 +220,18 @@ def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
 
 def test_records_of_another_size_are_refused_by_name_before_any_work(data, tmp_path, capsys):
     from hagan_tf.apps.embed import main as embed_main
-    from hagan_tf.data.pipeline import check_size
+    from hagan_tf.data.pipeline import check_records
 
-    check_size(data, 32)
+    check_records(data, 32)
     with pytest.raises(ValueError, match=r"^\d+ of \d+ volume\(s\) .* are not 64\^3 \(e.g. phantom\d+: \(32, 32, 32\)\)"):
-        check_size(data, 64)
+        check_records(data, 64)
     bare = tmp_path / "bare"  # no manifest: the first record stands for all
     bare.mkdir()
     for name in os.listdir(data):
         if name.endswith(".tfrecord"):
             os.symlink(os.path.join(data, name), bare / name)
     with pytest.raises(ValueError, match=r"^the volumes .* are not 64\^3"):
-        check_size(str(bare), 64)
+        check_records(str(bare), 64)
     run = str(tmp_path / "run")
     from hagan_tf.run import save_model, write_config
     cfg = HAGANConfig(size=64, width=0.125, latent_dim=16)
@@ -241,6 +241,44 @@ def test_records_of_another_size_are_refused_by_name_before_any_work(data, tmp_p
         embed_main(["--run", run, "--data", data, "--out", str(tmp_path / "e.csv")])
     assert e.value.code == 2 and "hagan-preprocess --size 64" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "e.csv")
+
+
+def _damaged_copy(data, dest, damage):
+    import shutil
+
+    shutil.copytree(data, dest)
+    path = os.path.join(dest, sorted(n for n in os.listdir(dest) if n.endswith(".tfrecord"))[1])
+    raw = bytearray(open(path, "rb").read())
+    open(path, "wb").write(damage(raw))
+    return str(dest), os.path.basename(path)
+
+
+def test_damaged_shards_are_named_before_any_work(data, tmp_path):
+    from hagan_tf.data.records import shard_problems
+
+    assert shard_problems(data) == []
+    cut, name = _damaged_copy(data, tmp_path / "cut", lambda raw: raw[:30000])  # a partial copy
+    with pytest.raises(ValueError, match=rf"damaged records .*{name}: record 0 is cut short .*truncated"):
+        train(tiny(max_steps=2), cut, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
+    extra, name = _damaged_copy(data, tmp_path / "extra", lambda raw: raw + raw[:len(raw) // 4])  # one record more
+    assert shard_problems(extra) == [f"{name}: 5 record(s), the manifest lists 4"]
+    os.remove(os.path.join(extra, name))
+    assert shard_problems(extra) == [f"{name}: missing, the manifest lists 4 record(s) in it"]
+
+
+def test_a_record_failing_its_checksum_stops_training_with_a_checkpoint_and_the_shard(data, tmp_path):
+    def flip(raw):
+        raw[5000] ^= 0xFF  # inside the first record's volume bytes: the framing stays intact
+        return raw
+
+    flipped, name = _damaged_copy(data, tmp_path / "flip", flip)
+    run = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=rf"at step (\d+) .*{name}: corrupted record") as e:
+        train(tiny(max_steps=8), flipped, run, tf.distribute.get_strategy(), progress=False)
+    step = int(e.value.args[0].split("at step ")[1].split()[0])
+    assert step < 8 and f"Step {step} is checkpointed" in e.value.args[0]
+    assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith(f"ckpt-{step}")
 
 
 def test_sigterm_saves_the_running_step_and_exits_143(data, tmp_path):

@@ -154,11 +154,11 @@ def iter_volumes(data_dir: str, batch_size: int, size: int):
     import tensorflow as tf
     from tqdm import tqdm
 
-    from ..data.pipeline import check_size, make_dataset
+    from ..data.pipeline import check_records, make_dataset
     from ..data.records import read_manifest
 
     try:
-        check_size(data_dir, size)
+        check_records(data_dir, size)
     except ValueError as e:
         raise AppError(str(e)) from e
     ds = make_dataset(data_dir, batch_size, size=size, shuffle=0, repeat=False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .records import parse_example, read_manifest, shard_paths
+from .records import parse_example, read_manifest, shard_paths, shard_problems
 
 
 def _fold_filter(folds, exclude_folds):
@@ -32,9 +32,14 @@ def count_examples(data_dir: str, folds=None, exclude_folds=None) -> int:
     return int(ds.filter(_fold_filter(folds, exclude_folds)).reduce(0, lambda n, _: n + 1))
 
 
-def check_size(data_dir: str, size: int) -> None:
-    """Fail before any work, with the subjects' names, when records are not `size`^3: the
-    manifest lists every shape; without one, the first record stands for all."""
+def check_records(data_dir: str, size: int) -> None:
+    """Fail before any work when records are not `size`^3 or a shard is damaged, naming the
+    subjects or files: the manifest lists every shape; without one, the first record stands
+    for all."""
+    problems = shard_problems(data_dir)
+    if problems:
+        raise ValueError(f"damaged records in {data_dir!r} (re-copy or re-run hagan-preprocess): "
+                         + "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else ""))
     rows = read_manifest(data_dir)
     counted = bool(rows)
     if not rows:

@@ -106,9 +106,9 @@ def _need_two(n, args):
 
 def count_real(args, size) -> int | None:
     """Real volumes the manifest promises for this fold (None without a manifest); fails early."""
-    from ..data.pipeline import check_size
+    from ..data.pipeline import check_records
 
-    check_size(args.real, size)  # and FileNotFoundError for a directory without shards
+    check_records(args.real, size)  # and FileNotFoundError for a directory without shards
     rows = read_manifest(args.real)
     if not rows:
         return None

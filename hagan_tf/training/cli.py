@@ -17,7 +17,8 @@ import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
-from ..data.pipeline import check_size, make_dataset  # noqa: E402
+from ..data.pipeline import check_records, make_dataset  # noqa: E402
+from ..data.records import unreadable_shards  # noqa: E402
 from .callbacks import Checkpointer, Monitor, StopOnSignal  # noqa: E402
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
@@ -84,7 +85,7 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be a "
                          f"multiple of the {replicas} replicas")
     check_resume(run_dir, config)
-    check_size(data_dir, config.size)
+    check_records(data_dir, config.size)
     chief = is_chief(strategy)
     if chief:
         rundir.write_config(run_dir, config)
@@ -130,8 +131,20 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     several_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     stopper = StopOnSignal() if handle_signals and not several_workers else None
     with stopper or contextlib.nullcontext():
-        gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start, shuffle=False,  # ds shuffles
-                callbacks=[monitor, checkpointer] + ([stopper] if stopper else []), verbose=0)
+        try:
+            gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start, shuffle=False,  # ds shuffles
+                    callbacks=[monitor, checkpointer] + ([stopper] if stopper else []), verbose=0)
+        except tf.errors.DataLossError as e:  # a CRC failure: check_records reads headers only
+            if several_workers:  # saving needs every worker
+                raise
+            monitor.on_train_end()
+            checkpointer.on_train_end()  # no update of the failed step ran: its batch never came
+            step = int(gan.step.numpy())
+            print("a record failed its checksum; reading every shard to name it ...", file=sys.stderr)
+            where = "; ".join(unreadable_shards(data_dir)) or e.message
+            raise ValueError(f"damaged records in {data_dir!r} at step {step} (re-copy or re-run "
+                             f"hagan-preprocess): {where}. Step {step} is checkpointed: re-run the "
+                             "same command to resume") from e
     step = int(gan.step.numpy())
     if monitor.error and verbose:
         print(f"error: {monitor.error}: {manager.latest_checkpoint}", file=sys.stderr)
