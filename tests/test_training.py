@@ -75,6 +75,25 @@ def test_crop_is_shared_multiple_of_four_and_in_range():
     assert int(gan.draw_crop(5)) == int(gan.draw_crop(5))
 
 
+def test_input_order_is_reproducible_and_resumes_at_a_step(data):
+    def order(n_batches=12, **kw):
+        it = iter(make_dataset(data, 2, size=32, shuffle=4, **kw))
+        return [s.decode() for _ in range(n_batches) for s in next(it)["subject_id"].numpy()]
+
+    first = order()
+    assert first == order()
+    assert order(start_step=5) == first[10:] + order(n_batches=17)[24:]  # 8 records an epoch
+    assert sorted(first[:8]) == sorted(first[8:16]) and first[:8] != first[8:16]  # reshuffled
+    assert order(seed=1) != first
+
+
+def test_volumes_keep_the_stored_float16_when_asked(data):
+    batch = next(iter(make_dataset(data, 2, size=32, shuffle=0, dtype=tf.float16)))
+    as_float32 = next(iter(make_dataset(data, 2, size=32, shuffle=0)))["volume"]
+    assert batch["volume"].dtype == tf.float16 and as_float32.dtype == tf.float32
+    np.testing.assert_array_equal(tf.cast(batch["volume"], tf.float32).numpy(), as_float32.numpy())
+
+
 def test_mirrored_strategy_two_replicas(data):
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     if len(devices) < 2:

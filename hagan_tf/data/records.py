@@ -63,15 +63,24 @@ def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: i
     })).SerializeToString()
 
 
-def parse_example(serialized) -> dict:
-    """tf.function-friendly parse: {'volume': float32 [D, H, W, 1], 'subject_id', 'label', 'fold'}."""
+def parse_example(serialized, dtype=tf.float32) -> dict:
+    """tf.function-friendly parse: {'volume': `dtype` [D, H, W, 1], 'subject_id', 'label', 'fold'}."""
     f = tf.io.parse_single_example(serialized, FEATURES)
     volume = tf.cond(
         tf.equal(f["dtype"], "float16"),
-        lambda: tf.cast(tf.io.decode_raw(f["volume"], tf.float16, little_endian=True), tf.float32),
-        lambda: tf.io.decode_raw(f["volume"], tf.float32, little_endian=True))
+        lambda: tf.cast(tf.io.decode_raw(f["volume"], tf.float16, little_endian=True), dtype),
+        lambda: tf.cast(tf.io.decode_raw(f["volume"], tf.float32, little_endian=True), dtype))
     volume = tf.reshape(volume, tf.concat([f["shape"], [1]], 0))
     return {"volume": volume, "subject_id": f["subject_id"], "label": f["label"], "fold": f["fold"]}
+
+
+def first_record(data_dir: str) -> dict:
+    """The first record's features as stored (volume bytes, dtype, shape, ...): it stands for a
+    dataset's voxel type, and for its size when there is no manifest."""
+    first = next(iter(tf.data.TFRecordDataset(shard_paths(data_dir)[:1]).take(1)), None)
+    if first is None:
+        raise ValueError(f"the first shard in {data_dir!r} is empty")
+    return {k: v.numpy() for k, v in tf.io.parse_single_example(first, FEATURES).items()}
 
 
 def decode_example(serialized: bytes) -> dict:

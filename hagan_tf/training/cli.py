@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
 from ..data.pipeline import check_records, make_dataset  # noqa: E402
-from ..data.records import unreadable_shards  # noqa: E402
+from ..data.records import first_record, unreadable_shards  # noqa: E402
 from .callbacks import Checkpointer, Monitor, StopOnSignal  # noqa: E402
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
@@ -121,7 +121,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
         return {"volume": r["volume"], "label": r["label"]}
 
     ds = make_dataset(data_dir, config.batch_size, size=config.size, exclude_folds=excluded,
-                      shuffle=config.shuffle_buffer, seed=config.seed, start_step=start).map(inputs)
+                      shuffle=config.shuffle_buffer, seed=config.seed, start_step=start,
+                      dtype=first_record(data_dir)["dtype"].decode()).map(inputs)  # train_step casts on the device
     sample = next(iter(make_dataset(data_dir, 1, size=config.size, repeat=False, shuffle=0)))
     monitor = Monitor(os.path.join(run_dir, rundir.TENSORBOARD) if chief else None,
                       config.max_steps, config.log_every, config.image_every, sample_batch=sample,
