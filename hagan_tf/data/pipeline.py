@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from .records import first_record, parse_example, read_manifest, shard_paths, shard_problems
+from .records import FEATURES, first_record, parse_example, read_manifest, shard_paths, shard_problems
 
 
 def _fold_filter(folds, exclude_folds):
@@ -97,9 +97,10 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         if shuffle:  # blocks of `shuffle` serialised records, each put in a stateless order
             ds = ds.batch(shuffle).flat_map(permute(seed_pair + [0, 1 << 40]))
-        ds = ds.map(lambda x: check(parse_example(x, dtype)), num_parallel_calls=tf.data.AUTOTUNE,
-                    deterministic=True)
-        return ds.filter(keep)
+        if folds is not None or exclude_folds:  # read the fold alone: held-out volumes stay unparsed
+            ds = ds.filter(lambda x: keep(tf.io.parse_single_example(x, {"fold": FEATURES["fold"]})))
+        return ds.map(lambda x: check(parse_example(x, dtype)), num_parallel_calls=tf.data.AUTOTUNE,
+                      deterministic=True)
 
     if repeat:
         skip = start_step * batch_size
