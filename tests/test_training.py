@@ -235,6 +235,11 @@ def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
     rc = train_main(["--config", "tiny_32", "--set", "size=64", "--data", data,
                      "--out", str(tmp_path / "r")])
     assert rc == 2 and "are not 64^3 (e.g. phantom" in capsys.readouterr().err
+    one_fold = write_synthetic_dataset(str(tmp_path / "one_fold"), n=2, size=32, folds=1)
+    rc = train_main(["--config", "tiny_32", "--set", "fold=0", "--data", one_fold,
+                     "--out", str(tmp_path / "r")])  # else every epoch would be empty, forever
+    assert rc == 2 and "no records in" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_records_of_another_size_are_refused_by_name_before_any_work(data, tmp_path, capsys):

@@ -17,7 +17,7 @@ import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
-from ..data.pipeline import check_records, make_dataset  # noqa: E402
+from ..data.pipeline import check_records, count_examples, make_dataset  # noqa: E402
 from ..data.records import first_record, unreadable_shards  # noqa: E402
 from .callbacks import Checkpointer, Monitor, StopOnSignal  # noqa: E402
 
@@ -86,6 +86,13 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
                          f"multiple of the {replicas} replicas")
     check_resume(run_dir, config)
     check_records(data_dir, config.size)
+    excluded = [config.fold] if config.fold is not None else None
+    volumes, total = count_examples(data_dir, exclude_folds=excluded), count_examples(data_dir)
+    if volumes == 0:  # the endless epochs would never yield a batch
+        raise ValueError(f"no records in {data_dir!r} are outside the held-out fold {config.fold}")
+    if excluded and volumes == total:
+        print(f"hagan-train: warning: no record is in fold {config.fold}, so none is held out "
+              "(hagan-preprocess --folds K assigns folds 0..K-1)", file=sys.stderr)
     chief = is_chief(strategy)
     if chief:
         rundir.write_config(run_dir, config)
@@ -115,7 +122,10 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
             print(f"run is at step {start} >= max_steps {config.max_steps}: nothing to do")
         return {"step": start, "checkpoint": manager.latest_checkpoint, "error": None}
 
-    excluded = [config.fold] if config.fold is not None else None
+    if verbose and chief:
+        held = f", fold {config.fold} held out" if volumes < total else ""
+        print(f"training on {volumes} volumes of {config.size}^3 from {data_dir}{held}; global "
+              f"batch {config.batch_size} over {replicas} replica(s)")
 
     def inputs(r):
         return {"volume": r["volume"], "label": r["label"]}
