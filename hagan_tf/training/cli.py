@@ -17,8 +17,8 @@ import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
-from ..data.pipeline import check_records, count_examples, make_dataset  # noqa: E402
-from ..data.records import first_record, unreadable_shards  # noqa: E402
+from ..data.pipeline import check_records, make_dataset  # noqa: E402
+from ..data.records import first_record, read_manifest, unreadable_shards  # noqa: E402
 from .callbacks import Checkpointer, Monitor, StopOnSignal  # noqa: E402
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
@@ -71,6 +71,22 @@ def check_resume(run_dir: str, config: HAGANConfig) -> None:
                          "use another --out, or the same settings to resume")
 
 
+def describe_training_set(data_dir: str, config: HAGANConfig) -> str:
+    """Counts the training volumes from the manifest (without one, counting would read every
+    byte), refusing a fold selection that leaves none: the endless epochs would never yield."""
+    rows = read_manifest(data_dir)
+    if not rows:
+        return f"the records in {data_dir} (no manifest to count them)"
+    volumes = sum(r.get("fold", -1) != config.fold for r in rows) if config.fold is not None else len(rows)
+    if volumes == 0:
+        raise ValueError(f"no records in {data_dir!r} are outside the held-out fold {config.fold}")
+    if volumes == len(rows) and config.fold is not None:
+        print(f"hagan-train: warning: no record is in fold {config.fold}, so none is held out "
+              "(hagan-preprocess --folds K assigns folds 0..K-1)", file=sys.stderr)
+    held = f", fold {config.fold} held out" if volumes < len(rows) else ""
+    return f"{volumes} volumes of {config.size}^3 from {data_dir}{held}"
+
+
 def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
           progress: bool = True, verbose: bool = True, handle_signals: bool = False) -> dict:
     """Train (or resume) until config.max_steps.
@@ -87,12 +103,7 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     check_resume(run_dir, config)
     check_records(data_dir, config.size)
     excluded = [config.fold] if config.fold is not None else None
-    volumes, total = count_examples(data_dir, exclude_folds=excluded), count_examples(data_dir)
-    if volumes == 0:  # the endless epochs would never yield a batch
-        raise ValueError(f"no records in {data_dir!r} are outside the held-out fold {config.fold}")
-    if excluded and volumes == total:
-        print(f"hagan-train: warning: no record is in fold {config.fold}, so none is held out "
-              "(hagan-preprocess --folds K assigns folds 0..K-1)", file=sys.stderr)
+    training_set = describe_training_set(data_dir, config)
     chief = is_chief(strategy)
     if chief:
         rundir.write_config(run_dir, config)
@@ -123,9 +134,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
         return {"step": start, "checkpoint": manager.latest_checkpoint, "error": None}
 
     if verbose and chief:
-        held = f", fold {config.fold} held out" if volumes < total else ""
-        print(f"training on {volumes} volumes of {config.size}^3 from {data_dir}{held}; global "
-              f"batch {config.batch_size} over {replicas} replica(s)")
+        print(f"training on {training_set}; global batch {config.batch_size} over {replicas} "
+              "replica(s)")
 
     def inputs(r):
         return {"volume": r["volume"], "label": r["label"]}
