@@ -246,12 +246,15 @@ def import_torch(out: str, size: int, generator: str, discriminator: str | None 
     """Import reference .pth files into a new run directory `out`; returns (HAGAN, step)."""
     from tqdm import tqdm
 
+    import tensorflow as tf
+
     from .gan import HAGAN
     from .run import save_model, write_config
 
     if (encoder is None) != (sub_encoder is None):
         raise ValueError("give --encoder and --sub-encoder together (E^H and E^G form one encoder)")
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    gfile = tf.io.gfile  # --out may be a gs:// URL, like every run directory
+    if gfile.exists(out) and (not gfile.isdir(out) or gfile.listdir(out)):
         raise FileExistsError(f"{out!r} exists and is not an empty directory; choose a new --out")
     files = {net: path for net, path in [("generator", generator), ("discriminator", discriminator),
                                          ("encoder", encoder), ("sub_encoder", sub_encoder)]
