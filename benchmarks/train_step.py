@@ -3,9 +3,11 @@
     python benchmarks/train_step.py [--sizes 32 64 128 256] [--steps 3] [--policy float32]
                                     [--jit] [--strategy default|mirrored]
                                     [--convs auto|rewrites|tf] [--grappler-off remapping ...]
-                                    [--profile-ops N]
+                                    [--profile-ops N] [--data DIR]
 
-Each size runs in its own subprocess (peak RSS is its own). Prints a markdown table and writes
+`--data DIR` feeds the step from records at S^3 through the training input pipeline, as
+hagan-train does (shuffle 64, the records' own dtype), instead of from one volume in memory: on
+a GPU the difference is the time the step waits for its input. Each size runs in its own subprocess (peak RSS is its own). Prints a markdown table and writes
 benchmarks/results/train_step[-POLICY][-xla].json. On a GPU the same script reports GPU time;
 peak GPU memory comes from tf.config.experimental.get_memory_info.
 """
@@ -104,7 +106,7 @@ PROGRESS = "[train_step]"
 
 
 def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False, convs="auto",
-          grappler_off=(), profile_ops=0):
+          grappler_off=(), profile_ops=0, data=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if convs != "auto":
         os.environ["HAGAN_CONV_REWRITES"] = "1" if convs == "rewrites" else "0"
@@ -131,8 +133,15 @@ def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False, co
     with strategy.scope():
         gan = HAGAN(cfg)
         gan.compile()
-    vol = tf.random.uniform((batch, size, size, size, 1), -1, 1, seed=0)
-    ds = tf.data.Dataset.from_tensors({"volume": vol}).repeat()
+    if data:
+        from hagan_tf.data.pipeline import make_dataset
+        from hagan_tf.data.records import first_record
+
+        ds = make_dataset(data, batch, size=size, dtype=first_record(data)["dtype"].decode())
+        ds = ds.map(lambda r: {"volume": r["volume"]})
+    else:
+        vol = tf.random.uniform((batch, size, size, size, 1), -1, 1, seed=0)
+        ds = tf.data.Dataset.from_tensors({"volume": vol}).repeat()
     if strategy_kind != "default":
         ds = strategy.experimental_distribute_dataset(ds)
     it = iter(ds)
@@ -150,6 +159,7 @@ def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False, co
         print(f"{PROGRESS} S={size} iteration {i + 1}/{steps + 1}: {times[-1]:.3f} s"
               + (" (tracing and compiling)" if i == 0 else ""), file=sys.stderr, flush=True)
     out = {"size": size, "batch": batch, "policy": policy, "jit": jit, "strategy": strategy_kind,
+           "input": f"records in {data}" if data else "one volume in memory",
            "convs": convs, "grappler_off": list(grappler_off),
            "heap": "glibc default" if heap_default else "limit_heap_growth",
            "first_step_s": times[0], "median_step_s": float(np.median(times[1:])),
@@ -195,13 +205,18 @@ def main(argv=None):
                    help="Grappler optimizers to turn off, e.g. remapping")
     p.add_argument("--profile-ops", type=int, default=0, metavar="N",
                    help="profile one extra step and report its N most expensive op types")
+    p.add_argument("--data", help="records at S^3 to feed the step through the input pipeline "
+                                   "(one --sizes value)")
     p.add_argument("--out")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.policy, args.jit, args.strategy, args.batch,
-                              args.heap_default, args.convs, args.grappler_off, args.profile_ops)))
+                              args.heap_default, args.convs, args.grappler_off, args.profile_ops,
+                              args.data)))
         return 0
+    if args.data and len(args.sizes) != 1:
+        p.error("--data takes the records' one size in --sizes")
     rows = []
     for size in args.sizes:
         cmd = [sys.executable, __file__, "--child", str(size), "--steps", str(args.steps),
@@ -210,6 +225,7 @@ def main(argv=None):
         cmd += ["--heap-default"] if args.heap_default else []
         cmd += ["--convs", args.convs, "--profile-ops", str(args.profile_ops)]
         cmd += ["--grappler-off", *args.grappler_off] if args.grappler_off else []
+        cmd += ["--data", args.data] if args.data else []
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         errors = []
         for line in proc.stderr:  # the child's stdout is one JSON line: no deadlock
@@ -223,7 +239,8 @@ def main(argv=None):
         else:
             rows.append(json.loads(stdout.strip().splitlines()[-1]))
         print(f"done {size}: {rows[-1]}", file=sys.stderr)
-    tag = ("" if args.policy == "float32" else "-" + args.policy) + ("-xla" if args.jit else "")
+    tag = (("" if args.policy == "float32" else "-" + args.policy) + ("-xla" if args.jit else "")
+           + ("-records" if args.data else ""))
     out = args.out or os.path.join(HERE, "results", f"train_step{tag}.json")
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d"),
