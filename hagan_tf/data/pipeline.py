@@ -21,13 +21,18 @@ def _fold_filter(folds, exclude_folds):
     return ok
 
 
+def count_rows(rows: list[dict], folds=None, exclude_folds=None) -> int:
+    """Manifest rows that pass the fold selection."""
+    return sum(1 for r in rows
+               if (folds is None or r.get("fold", -1) in folds)
+               and not (exclude_folds and r.get("fold", -1) in exclude_folds))
+
+
 def count_examples(data_dir: str, folds=None, exclude_folds=None) -> int:
     """Records that pass the fold selection (from the manifest when there is one)."""
     rows = read_manifest(data_dir)
     if rows:
-        return sum(1 for r in rows
-                   if (folds is None or r.get("fold", -1) in folds)
-                   and not (exclude_folds and r.get("fold", -1) in exclude_folds))
+        return count_rows(rows, folds, exclude_folds)
     ds = tf.data.TFRecordDataset(shard_paths(data_dir)).map(parse_example)
     return int(ds.filter(_fold_filter(folds, exclude_folds)).reduce(0, lambda n, _: n + 1))
 

@@ -17,7 +17,7 @@ import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
-from ..data.pipeline import check_records, make_dataset  # noqa: E402
+from ..data.pipeline import check_records, count_rows, make_dataset  # noqa: E402
 from ..data.records import first_record, read_manifest, unreadable_shards  # noqa: E402
 from .callbacks import Checkpointer, Monitor, StopOnSignal  # noqa: E402
 
@@ -77,7 +77,7 @@ def describe_training_set(data_dir: str, config: HAGANConfig) -> str:
     rows = read_manifest(data_dir)
     if not rows:
         return f"the records in {data_dir} (no manifest to count them)"
-    volumes = sum(r.get("fold", -1) != config.fold for r in rows) if config.fold is not None else len(rows)
+    volumes = count_rows(rows, exclude_folds=[config.fold] if config.fold is not None else None)
     if volumes == 0:
         raise ValueError(f"no records in {data_dir!r} are outside the held-out fold {config.fold}")
     if volumes == len(rows) and config.fold is not None:
