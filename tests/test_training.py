@@ -125,20 +125,26 @@ _WORKER = """
 import hashlib, json, sys
 from hagan_tf import HAGANConfig
 from hagan_tf.training.cli import train
-r = train(HAGANConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], progress=False)
+r = train(HAGANConfig.from_dict(json.loads(sys.argv[1])), sys.argv[2], sys.argv[3], progress=False,
+          handle_signals=True)
 h = hashlib.sha256()
 for v in r["model"].weights:
     h.update(v.numpy().tobytes())
-print("RESULT", json.dumps({"step": r["step"], "weights": h.hexdigest(), "error": r["error"]}))
+signal = r["signal"] and r["signal"].name
+print("RESULT", json.dumps({"step": r["step"], "weights": h.hexdigest(), "error": r["error"],
+                            "signal": signal}), flush=True)
 """
 
 
-def _run_workers(cfg, data, run_dir, n=2, timeout=300):
-    """`train` in n local worker processes under TF_CONFIG, as a user starts them."""
+def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None):
+    """`train` in n local worker processes under TF_CONFIG, as a user starts them; with
+    `sigterm_worker_when=(i, ready)`, worker i gets SIGTERM once ready() is true."""
     import json
+    import signal
     import socket
     import subprocess
     import sys
+    import time
 
     ports = []
     for _ in range(n):
@@ -153,11 +159,18 @@ def _run_workers(cfg, data, run_dir, n=2, timeout=300):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
     results = []
     try:
+        if sigterm_worker_when:
+            i, ready = sigterm_worker_when
+            deadline = time.monotonic() + timeout
+            while not ready():
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+                time.sleep(0.2)
+            procs[i].send_signal(signal.SIGTERM)
         for i, p in enumerate(procs):
             out = p.communicate(timeout=timeout)[0]
             lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
             assert p.returncode == 0 and lines, f"worker {i} failed:\n{out[-3000:]}"
-            results.append(json.loads(lines[-1][len("RESULT "):]))
+            results.append({**json.loads(lines[-1][len("RESULT "):]), "output": out})
     finally:
         for p in procs:
             p.kill()
@@ -179,6 +192,25 @@ def test_multi_worker_training_writes_one_run_and_resumes(data, tmp_path):
     assert len(os.listdir(os.path.join(run, "tensorboard"))) == 2  # one events file per run
     step, _ = _weights(run)
     assert step == 3
+
+
+def test_sigterm_to_one_worker_stops_every_worker_after_the_same_step_with_a_checkpoint(data, tmp_path):
+    """Preemption of one machine: the workers agree after each step, so all stop after the
+    same one and save it together (a worker that left alone would hang the others)."""
+    run = str(tmp_path / "run")
+    ckpts = os.path.join(run, "checkpoints")
+    cfg = tiny(max_steps=200, checkpoint_every=2)
+    stopped = _run_workers(cfg, data, run, sigterm_worker_when=(1, lambda: os.path.exists(
+        os.path.join(ckpts, "ckpt-2.index"))))
+    step = stopped[0]["step"]
+    assert 2 <= step < 200 and [r["step"] for r in stopped] == [step, step]
+    assert [r["signal"] for r in stopped] == ["SIGTERM", "SIGTERM"]  # worker 0 got none itself
+    assert stopped[0]["weights"] == stopped[1]["weights"]
+    assert "SIGTERM: stopping every worker after this step" in stopped[1]["output"]
+    assert tf.train.latest_checkpoint(ckpts).endswith(f"ckpt-{step}")
+    resumed = _run_workers(cfg.replace(max_steps=step + 1), data, run)
+    assert [r["step"] for r in resumed] == [step + 1] * 2 and not any(r["signal"] for r in resumed)
+    assert "resuming from" in resumed[0]["output"] and f"(step {step})" in resumed[0]["output"]
 
 
 def _weights(run):

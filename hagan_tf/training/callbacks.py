@@ -136,28 +136,46 @@ class StopOnSignal(keras.callbacks.Callback):
     step, so that the Checkpointer saves it on the way out instead of losing up to
     `checkpoint_every` steps; a second signal quits at once. Use as a context manager around fit().
 
-    Single-worker only: with several workers, one that stopped alone would leave the others
-    waiting in a collective.
+    With several workers (pass the MultiWorkerMirroredStrategy) a worker that stopped alone
+    would leave the others waiting in a collective, so after every step the workers add up
+    what they received (one all-reduce of two numbers) and all stop after the same step.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, strategy: tf.distribute.Strategy | None = None):
         super().__init__()
-        self.received: signal.Signals | None = None
+        self.received: signal.Signals | None = None  # by this process
+        self.stopped_by: signal.Signals | None = None  # by any worker: why fit() stopped
+        self.strategy, self._count = strategy, None
         self.previous = {}
 
     def _handle(self, signum, frame):
         if self.received is not None:
             raise KeyboardInterrupt
         self.received = signal.Signals(signum)
-        if self.model is not None:
+        if self.strategy is None and self.model is not None:
             self.model.stop_training = True
-        print(f"\n{self.received.name}: stopping after this step and saving a checkpoint "
+        who = " every worker" if self.strategy is not None else ""
+        print(f"\n{self.received.name}: stopping{who} after this step and saving a checkpoint "
               "(send it again to quit without saving)", file=sys.stderr, flush=True)
 
+    def _any_worker(self) -> signal.Signals | None:
+        """The signal some worker received, SIGTERM before SIGINT; the same on every worker."""
+        if self._count is None:
+            strategy = self.strategy
+
+            @tf.function
+            def count(mine):
+                return strategy.reduce("SUM", strategy.run(tf.identity, args=(mine,)), axis=None)
+
+            self._count = count
+        counts = self._count(tf.constant([float(self.received == s) for s in self.SIGNALS]))
+        return next((s for s, n in reversed(list(zip(self.SIGNALS, counts.numpy()))) if n > 0), None)
+
     def on_train_batch_end(self, batch, logs=None):
-        if self.received is not None:  # fit() clears the flag when it starts
+        self.stopped_by = self._any_worker() if self.strategy is not None else self.received
+        if self.stopped_by is not None:  # fit() clears stop_training when it starts
             self.model.stop_training = True
 
     def __enter__(self):

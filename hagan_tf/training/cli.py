@@ -93,7 +93,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
 
     Returns {'step', 'checkpoint', 'error', 'model', 'chief', 'signal'}; 'chief' is whether
     this process wrote the run directory (false on the other workers of a multi-worker run),
-    'signal' the SIGINT/SIGTERM that stopped it early (with `handle_signals`).
+    'signal' the SIGINT/SIGTERM that stopped it early (with `handle_signals`; on every worker,
+    whichever of them received it).
     """
     strategy = strategy or make_strategy()  # before any TF op: multi-worker collectives need it
     replicas = strategy.num_replicas_in_sync
@@ -150,7 +151,7 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     checkpointer = Checkpointer(saver, step_var, config.checkpoint_every, guard=monitor,
                                 scratch=scratch)
     several_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    stopper = StopOnSignal() if handle_signals and not several_workers else None
+    stopper = StopOnSignal(strategy if several_workers else None) if handle_signals else None
     with stopper or contextlib.nullcontext():
         try:
             gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start, shuffle=False,  # ds shuffles
@@ -170,7 +171,7 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     if monitor.error and verbose:
         print(f"error: {monitor.error}: {manager.latest_checkpoint}", file=sys.stderr)
     return {"step": step, "checkpoint": manager.latest_checkpoint, "error": monitor.error,
-            "model": gan, "chief": chief, "signal": stopper and stopper.received}
+            "model": gan, "chief": chief, "signal": stopper and stopper.stopped_by}
 
 
 def main(argv=None) -> int:
@@ -196,13 +197,13 @@ def main(argv=None) -> int:
         return 2
     if result["error"]:
         return 1
-    if not result.get("chief", True):
+    if result.get("chief", True):
+        print(f"step {result['step']}: checkpoint {result['checkpoint']}; "
+              f"TensorBoard: tensorboard --logdir {os.path.join(args.out, rundir.TENSORBOARD)}")
+    else:
         print(f"step {result['step']}: done; worker 0 writes the checkpoints and TensorBoard "
               f"events under {args.out}")
-        return 0
-    print(f"step {result['step']}: checkpoint {result['checkpoint']}; "
-          f"TensorBoard: tensorboard --logdir {os.path.join(args.out, rundir.TENSORBOARD)}")
-    if result.get("signal") is not None:
+    if result.get("signal") is not None:  # on every worker when one of them received it
         print(f"stopped by {result['signal'].name}: re-run the same command to resume")
         return 128 + int(result["signal"])
     return 0
