@@ -87,6 +87,39 @@ def test_input_order_is_reproducible_and_resumes_at_a_step(data):
     assert order(seed=1) != first
 
 
+def test_training_input_is_one_order_for_any_replica_count_and_resumes_each_worker(data):
+    from hagan_tf.training.cli import training_input
+
+    cfg = tiny(batch_size=4, shuffle_buffer=4)
+
+    def volumes(ds, n):
+        return [np.asarray(b["volume"], np.float32) for _, b in zip(range(n), ds)]
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    mirrored = tf.distribute.MirroredStrategy(devices)  # one machine, two replicas
+    it = iter(training_input(mirrored, data, cfg))
+    for want in volumes(make_dataset(data, 4, size=32, shuffle=4), 3):
+        halves = mirrored.experimental_local_results(next(it)["volume"])
+        assert len(halves) == 2
+        np.testing.assert_array_equal(np.concatenate([h.numpy() for h in halves]), want)
+
+    class Worker:  # worker i of two machines with a replica each, as MultiWorkerMirrored calls it
+        def __init__(self, i):
+            self.i = i
+
+        def distribute_datasets_from_function(self, fn):
+            return fn(tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=self.i,
+                                                 num_replicas_in_sync=2))
+
+    epochs = np.concatenate(volumes(make_dataset(data, 2, size=32, shuffle=4), 24))  # 8 records each
+    for i in (0, 1):
+        stream = np.concatenate(volumes(training_input(Worker(i), data, cfg), 12))  # 2 a step
+        for k in range(3):  # worker i reads epochs i, i+2, i+4: every record once in each
+            np.testing.assert_array_equal(stream[8 * k:8 * k + 8], epochs[8 * (i + 2 * k):8 * (i + 2 * k) + 8])
+        resumed = np.concatenate(volumes(training_input(Worker(i), data, cfg, start_step=7), 2))
+        np.testing.assert_array_equal(resumed, stream[14:18])  # across its epoch boundary
+
+
 def test_volumes_keep_the_stored_float16_when_asked(data):
     batch = next(iter(make_dataset(data, 2, size=32, shuffle=0, dtype=tf.float16)))
     as_float32 = next(iter(make_dataset(data, 2, size=32, shuffle=0)))["volume"]
@@ -179,7 +212,8 @@ def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None)
 
 def test_multi_worker_training_writes_one_run_and_resumes(data, tmp_path):
     """Two workers under TF_CONFIG (MultiWorkerMirroredStrategy): identical weights on both,
-    one writer of the run directory (worker 0), and a re-run resumes both from its checkpoint."""
+    one writer of the run directory (worker 0), and a re-run resumes both from its checkpoint
+    and its place in the input, ending with an uninterrupted run's weights."""
     run = str(tmp_path / "run")
     cfg = tiny(max_steps=2, checkpoint_every=1)
     first = _run_workers(cfg, data, run)
@@ -188,6 +222,8 @@ def test_multi_worker_training_writes_one_run_and_resumes(data, tmp_path):
     second = _run_workers(cfg.replace(max_steps=3), data, run)
     assert [r["step"] for r in second] == [3, 3]
     assert second[0]["weights"] == second[1]["weights"] != first[0]["weights"]
+    uninterrupted = _run_workers(cfg.replace(max_steps=3), data, str(tmp_path / "one_go"))
+    assert uninterrupted[0]["weights"] == second[0]["weights"]
     assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "tensorboard"]  # no scratch
     assert len(os.listdir(os.path.join(run, "tensorboard"))) == 2  # one events file per run
     step, _ = _weights(run)

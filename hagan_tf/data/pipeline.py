@@ -62,7 +62,7 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
                  folds: list[int] | None = None, exclude_folds: list[int] | None = None,
                  shuffle: int = 64, repeat: bool = True, seed: int = 0,
                  drop_remainder: bool = True, start_step: int = 0,
-                 dtype=tf.float32) -> tf.data.Dataset:
+                 dtype=tf.float32, shard: tuple[int, int] = (0, 1)) -> tf.data.Dataset:
     """Batches of {'volume' [B, S, S, S, 1], 'label', 'subject_id', 'fold'}.
 
     `folds` keeps only those folds (evaluation), `exclude_folds` drops them (training with
@@ -74,6 +74,9 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
     a run left off, reading at most one epoch to get there: a resumed run sees the same batches
     as an uninterrupted one. Blocks are shuffled still serialised, before parsing, so a block
     holds the stored float16 bytes, not float32 volumes (2 GB instead of 4 at 256^3 and 64).
+    `shard=(i, k)` is the input of the i-th of k workers: it reads epochs i, i+k, i+2k, ...,
+    so the workers read disjoint epochs, each of every record once, and `start_step` counts
+    this worker's batches.
     """
     paths = shard_paths(data_dir)
     keep = _fold_filter(folds, exclude_folds)
@@ -112,7 +115,9 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
         n = count_examples(data_dir, folds, exclude_folds) if skip else 1
         if n == 0:
             raise ValueError(f"no records in {data_dir!r} pass the fold selection")
-        ds = tf.data.Dataset.range(skip // n, 2 ** 62).flat_map(epoch).skip(skip % n)
+        index, count = shard
+        epochs = tf.data.Dataset.range(skip // n, 2 ** 62 // count).map(lambda j: j * count + index)
+        ds = epochs.flat_map(epoch).skip(skip % n)
     else:
         ds = epoch(tf.constant(0, tf.int64))
     return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)

@@ -87,6 +87,30 @@ def describe_training_set(data_dir: str, config: HAGANConfig) -> str:
     return f"{volumes} volumes of {config.size}^3 from {data_dir}{held}"
 
 
+def training_input(strategy: tf.distribute.Strategy, data_dir: str, config: HAGANConfig,
+                   start_step: int = 0):
+    """The distributed input of fit(): global batch after global batch of {'volume', 'label'}.
+
+    Each worker builds its own pipeline of per-replica batches, which its replicas take in
+    turn; on one machine that is make_dataset's order, whatever the number of replicas. With
+    several workers, worker i reads epochs i, i+k, ... (make_dataset's `shard`), and a resumed
+    run reads on from where each worker was. (TF's automatic sharding split the endless stream
+    by epoch without telling make_dataset, so a resumed run skipped the wrong records.)
+    """
+    dtype = first_record(data_dir)["dtype"].decode()  # train_step casts on the device
+    excluded = [config.fold] if config.fold is not None else None
+
+    def inputs(ctx: tf.distribute.InputContext):
+        local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
+        ds = make_dataset(data_dir, ctx.get_per_replica_batch_size(config.batch_size),
+                          size=config.size, exclude_folds=excluded, shuffle=config.shuffle_buffer,
+                          seed=config.seed, start_step=start_step * local_replicas, dtype=dtype,
+                          shard=(ctx.input_pipeline_id, ctx.num_input_pipelines))
+        return ds.map(lambda r: {"volume": r["volume"], "label": r["label"]})
+
+    return strategy.distribute_datasets_from_function(inputs)
+
+
 def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
           progress: bool = True, verbose: bool = True, handle_signals: bool = False) -> dict:
     """Train (or resume) until config.max_steps.
@@ -103,7 +127,6 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
                          f"multiple of the {replicas} replicas")
     check_resume(run_dir, config)
     check_records(data_dir, config.size)
-    excluded = [config.fold] if config.fold is not None else None
     training_set = describe_training_set(data_dir, config)
     chief = is_chief(strategy)
     if chief:
@@ -138,12 +161,7 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
         print(f"training on {training_set}; global batch {config.batch_size} over {replicas} "
               "replica(s)")
 
-    def inputs(r):
-        return {"volume": r["volume"], "label": r["label"]}
-
-    ds = make_dataset(data_dir, config.batch_size, size=config.size, exclude_folds=excluded,
-                      shuffle=config.shuffle_buffer, seed=config.seed, start_step=start,
-                      dtype=first_record(data_dir)["dtype"].decode()).map(inputs)  # train_step casts on the device
+    ds = training_input(strategy, data_dir, config, start)
     sample = next(iter(make_dataset(data_dir, 1, size=config.size, repeat=False, shuffle=0)))
     monitor = Monitor(os.path.join(run_dir, rundir.TENSORBOARD) if chief else None,
                       config.max_steps, config.log_every, config.image_every, sample_batch=sample,
