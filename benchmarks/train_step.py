@@ -134,16 +134,14 @@ def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False, co
         gan = HAGAN(cfg)
         gan.compile()
     if data:
-        from hagan_tf.data.pipeline import make_dataset
-        from hagan_tf.data.records import first_record
+        from hagan_tf.training.cli import training_input
 
-        ds = make_dataset(data, batch, size=size, dtype=first_record(data)["dtype"].decode())
-        ds = ds.map(lambda r: {"volume": r["volume"]})
+        ds = training_input(strategy, data, cfg)  # what hagan-train gives fit()
     else:
         vol = tf.random.uniform((batch, size, size, size, 1), -1, 1, seed=0)
         ds = tf.data.Dataset.from_tensors({"volume": vol}).repeat()
-    if strategy_kind != "default":
-        ds = strategy.experimental_distribute_dataset(ds)
+        if strategy_kind != "default":
+            ds = strategy.experimental_distribute_dataset(ds)
     it = iter(ds)
     gan.make_train_function()
     fn = gan.train_function
