@@ -208,3 +208,4 @@ def test_script_wrapper_runs(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         runpy.run_path(script, run_name="__main__")
     assert e.value.code == 0 and "written: 1, failed: 0" in capsys.readouterr().out
+    assert (tmp_path / "o" / DEAD_LETTER).read_text() == ""  # there, and empty: nothing failed

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -218,17 +220,25 @@ def test_bad_requests_get_the_right_errors_and_the_server_keeps_serving(served, 
         assert status == code, (name, reply)
         assert isinstance(reply["error"], str) and reply["error"], name
     assert _rest(port, "/v1/models/nope")[0] == 404
+    assert _rest(port, "/v1/models/hagan/versions/9") == (
+        404, {"error": "Could not find version 9 of model 'hagan'"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/models/hagan", method="DELETE"), timeout=60)
     assert e.value.code == 405 and "error" in json.loads(e.value.read())
     assert _rest(port, "/v1/models/nope/metadata")[0] == 404
 
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:  # a client that dies
+        s.sendall(b"POST /v1/models/hagan:predict HTTP/1.1\r\nContent-Length: 100000\r\n\r\n{")
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+
     # still serving, on both protocols
     response = predict(_predict_request("generate_preview", z=z), timeout=60)
     assert tf.make_ndarray(response.outputs["volume"]).shape == (1, 8, 8, 8, 1)
     assert _rest(port, "/v1/models/hagan:predict",
                  {"signature_name": "generate_preview", "instances": z.tolist()})[0] == 200
+    with open(os.path.join(os.path.dirname(served[1]), "server.log")) as f:
+        assert "Traceback" not in f.read()  # a bad request or a vanished client is no crash
 
 
 def test_eight_concurrent_clients_without_errors(served):

@@ -310,6 +310,29 @@ def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
     assert not os.path.exists(tmp_path / "r")
 
 
+def test_empty_shards_are_passed_over_and_a_dataset_of_none_says_why(data, tmp_path):
+    """hagan-preprocess writes a shard per input when inputs are few; a refused scan's stays empty."""
+    from hagan_tf.data.pipeline import check_records
+    from hagan_tf.data.records import first_record
+
+    gaps = tmp_path / "gaps"
+    gaps.mkdir()
+    (gaps / "data-00000-of-00003.tfrecord").write_bytes(b"")
+    shards = sorted(n for n in os.listdir(data) if n.endswith(".tfrecord"))
+    for i, name in enumerate(shards):
+        os.symlink(os.path.join(data, name), gaps / f"data-{i + 1:05d}-of-00003.tfrecord")
+    assert first_record(str(gaps))["shape"].tolist() == [32, 32, 32]
+    check_records(str(gaps), 32)
+    none = tmp_path / "none"
+    none.mkdir()
+    (none / "data-00000-of-00001.tfrecord").write_bytes(b"")
+    (none / "manifest.jsonl").write_text("")
+    (none / "dead_letter.jsonl").write_text('{"source": "a.nii.gz", "reason": "smaller than 256"}\n')
+    with pytest.raises(ValueError, match=r"no records in .*every shard is empty \(hagan-preprocess "
+                                         r"refused every scan: see its dead_letter.jsonl\)"):
+        check_records(str(none), 32)
+
+
 def test_records_of_another_size_are_refused_by_name_before_any_work(data, tmp_path, capsys):
     from hagan_tf.apps.embed import main as embed_main
     from hagan_tf.data.pipeline import check_records

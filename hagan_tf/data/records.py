@@ -77,10 +77,13 @@ def parse_example(serialized, dtype=tf.float32) -> dict:
 
 def first_record(data_dir: str) -> dict:
     """The first record's features as stored (volume bytes, dtype, shape, ...): it stands for a
-    dataset's voxel type, and for its size when there is no manifest."""
-    first = next(iter(tf.data.TFRecordDataset(shard_paths(data_dir)[:1]).take(1)), None)
+    dataset's voxel type, and for its size when there is no manifest. Shards may be empty
+    (hagan-preprocess writes one per input when inputs are few, and a refused scan's stays empty)."""
+    first = next(iter(tf.data.TFRecordDataset(shard_paths(data_dir)).take(1)), None)
     if first is None:
-        raise ValueError(f"the first shard in {data_dir!r} is empty")
+        why = (" (hagan-preprocess refused every scan: see its dead_letter.jsonl)"
+               if tf.io.gfile.exists(os.path.join(data_dir, "dead_letter.jsonl")) else "")
+        raise ValueError(f"no records in {data_dir!r}: every shard is empty{why}")
     return {k: v.numpy() for k, v in tf.io.parse_single_example(first, FEATURES).items()}
 
 

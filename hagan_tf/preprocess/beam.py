@@ -28,8 +28,11 @@ import threading
 import time
 import uuid
 
-import apache_beam as beam
-import tensorflow as tf
+# Importing Beam warns on the root logger, at every run, that its optional BigQuery client is
+# missing: the job uses none of BigQuery.
+logging.getLogger().addFilter(lambda r: not str(r.msg).startswith("apitools not found"))
+import apache_beam as beam  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from ..config import HAGANConfig
 from ..data.records import MANIFEST, SHARD_PATTERN, SUMMARY, encode_example, shard_name
@@ -205,6 +208,7 @@ class WriteJsonl(beam.DoFn):
 
     def process(self, rows):
         with gfile.GFile(self.path, "w") as f:
+            f.write("")  # GFile creates no file until something is written: an empty list is a file too
             for row in sorted(rows, key=lambda r: (r["subject_id"], r["source"])):
                 f.write(json.dumps(row) + "\n")
 
@@ -317,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="assign K cross-validation folds by subject id (default: none)")
     p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
     p.add_argument("--shards", type=int, default=None, metavar="N",
-                   help=f"number of shards (default: ~256 MB each, at least {MIN_SHARDS})")
+                   help=f"number of shards (default: ~256 MB each, at least {MIN_SHARDS} "
+                        "but at most one per scan)")
     p.add_argument("--dtype", choices=("float16", "float32"), default="float16",
                    help="voxel type stored in the records")
     p.add_argument("--overwrite", action="store_true",

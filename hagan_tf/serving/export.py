@@ -132,7 +132,8 @@ def versions(model_dir: str) -> list[int]:
 
 
 def default_version(model_dir: str, step: int) -> int:
-    """The run's step when it is newer than every exported version, else the next integer.
+    """The run's step when it is newer than every exported version, else the next integer
+    (1 for an untrained run's first export: versions count from 1).
 
     TF Serving serves the highest number, so a new export must never get a lower one.
     """
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-base", required=True, help="TF Serving model base directory DIR")
     p.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name (default: %(default)s)")
     p.add_argument("--version", type=int, default=None,
-                   help="version number (default: the step, or the next free number when a "
+                   help="version number (default: the step, at least 1, or the next free number when a "
                         "version that high already exists)")
     return p
 

@@ -143,8 +143,9 @@ class ModelRegistry:
         if version is not None:
             rows = {v: r for v, r in rows.items() if v == version}
         if not rows:
-            what = f"model {name!r}" if version is None else f"version {version} of model {name!r}"
-            raise ServingError("NOT_FOUND", f"Could not find any versions of {what}")
+            if version is None:
+                raise ServingError("NOT_FOUND", f"Could not find any versions of model {name!r}")
+            raise ServingError("NOT_FOUND", f"Could not find version {version} of model {name!r}")
         for v in sorted(rows, reverse=True):
             state, code, message = rows[v]
             status = response.model_version_status.add(version=v, state=state)
@@ -507,6 +508,15 @@ class _RestServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.app, self.max_body = app, max_body
         super().__init__(address, _RestHandler)
+
+    def handle_error(self, request, client_address):
+        """A client that went away mid-request is routine: a line at debug level, where
+        socketserver would print a traceback to stderr as if the server had failed."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            log.debug("REST %s: connection lost: %s", client_address[0], error)
+        else:
+            log.error("REST %s: request failed", client_address[0], exc_info=error)
 
 
 # ---------------------------------------------------------------- the server
