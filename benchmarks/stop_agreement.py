@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -39,17 +38,13 @@ print("RESULT", json.dumps(times))
 
 
 def run(workers: int, calls: int) -> list[dict]:
-    ports = []
-    for _ in range(workers):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    from hagan_tf.training import local_tf_configs
+
     procs = [subprocess.Popen(
         [sys.executable, "-c", _WORKER, str(calls)],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
-             "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(workers)]
+             "TF_CONFIG": tf_config}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for tf_config in local_tf_configs(workers)]
     rows = []
     for i, p in enumerate(procs):
         out = p.communicate(timeout=600)[0]

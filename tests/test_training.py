@@ -174,22 +174,17 @@ def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None)
     `sigterm_worker_when=(i, ready)`, worker i gets SIGTERM once ready() is true."""
     import json
     import signal
-    import socket
     import subprocess
     import sys
     import time
 
-    ports = []
-    for _ in range(n):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
-    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    from hagan_tf.training import local_tf_configs
+
     procs = [subprocess.Popen(
         [sys.executable, "-c", _WORKER, json.dumps(cfg.to_dict()), data, run_dir],
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
-             "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(n)]
+             "TF_CONFIG": tf_config}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for tf_config in local_tf_configs(n)]
     results = []
     try:
         if sigterm_worker_when:

@@ -58,6 +58,22 @@ def keep_channels_last_on_gpu() -> bool:
     return True
 
 
+def local_tf_configs(workers: int) -> list[str]:
+    """TF_CONFIG values for `workers` worker processes on this machine (free loopback ports),
+    worker i's at [i]: multi-worker training tried out, tested and benchmarked on one host."""
+    import json
+    import socket
+
+    ports = []
+    for _ in range(workers):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    return [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+            for i in range(workers)]
+
+
 def _unblock(names):
     for name in names:
         if name in sys.modules and sys.modules[name] is None:
