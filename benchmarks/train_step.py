@@ -74,34 +74,6 @@ class MemorySampler:
         return self.peak
 
 
-def top_ops(logdir, n):
-    """The n op types (GPU: kernels) that took the most time in a TensorBoard-profiler trace,
-    from its xplane.pb: [(name, total ms, count)], summed over threads and streams."""
-    import glob
-    from collections import defaultdict
-
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-    totals = defaultdict(lambda: [0.0, 0])
-    for path in glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True):
-        space = xplane_pb2.XSpace()
-        with open(path, "rb") as f:
-            space.ParseFromString(f.read())
-        for plane in space.planes:
-            if not (plane.name.startswith("/device:GPU") or plane.name == "/host:CPU"):
-                continue
-            names = {k: m.name for k, m in plane.event_metadata.items()}
-            host = plane.name == "/host:CPU"
-            for line in plane.lines:
-                for ev in line.events:
-                    name = names.get(ev.metadata_id, "?")
-                    if host and ":" not in name:  # TF ops are "name:Type"; skip executor spans
-                        continue
-                    kind = name.split(":")[-1] if host else name[:60]  # GPU: kernel names
-                    totals[kind][0] += ev.duration_ps / 1e9
-                    totals[kind][1] += 1
-    return sorted(((k, round(v[0], 1), v[1]) for k, v in totals.items()), key=lambda r: -r[1])[:n]
-
-
 PROGRESS = "[train_step]"
 
 
@@ -180,7 +152,9 @@ def child(size, steps, policy, jit, strategy_kind, batch, heap_default=False, co
             tf.profiler.experimental.start(logdir)
             float(np.asarray(fn(it)["d_loss"]))
             tf.profiler.experimental.stop()
-            out["top_ops_ms"] = top_ops(logdir, profile_ops)
+            from hagan_tf.training.callbacks import profile_traces, top_ops
+
+            out["top_ops_ms"] = top_ops(profile_traces(logdir), profile_ops)
         finally:
             shutil.rmtree(logdir, ignore_errors=True)
     return out

@@ -531,6 +531,45 @@ def test_flat_train_function_equals_keras_nested_one_and_stops_at_end_of_data(da
         np.testing.assert_allclose(flat, nested, rtol=1e-5, atol=1e-6)
 
 
+def test_top_ops_reads_the_op_types_of_a_profiled_function(tmp_path):
+    from hagan_tf.training.callbacks import profile_traces, top_ops
+
+    a = tf.random.stateless_normal((256, 256), [1, 2])
+
+    @tf.function
+    def f(a):
+        return tf.reduce_sum(tf.matmul(a, a)) + tf.reduce_sum(tf.nn.relu(a))
+
+    f(a)
+    tf.profiler.experimental.start(str(tmp_path))
+    for _ in range(3):
+        f(a).numpy()
+    tf.profiler.experimental.stop()
+    rows = top_ops(profile_traces(str(tmp_path)), 50)
+    kinds = {name: count for name, _, count in rows}
+    matmuls = kinds.get("MatMul", kinds.get("_MklMatMul"))  # the latter where TF runs oneDNN
+    assert matmuls == 3 and kinds.get("Relu") == 3, rows
+    assert all(ms >= 0 for _, ms, _ in rows)
+
+
+def test_cli_profiles_the_steps_asked_for(data, tmp_path, capsys):
+    from hagan_tf.training.callbacks import profile_traces
+
+    run = str(tmp_path / "run")
+    rc = train_main(["--config", "tiny_32", "--data", data, "--out", run, "--max-steps", "3",
+                     "--strategy", "default", "--no-progress", "--profile-steps", "2", "3"])
+    assert rc == 0
+    assert len(profile_traces(os.path.join(run, "tensorboard"))) == 1
+    err = capsys.readouterr().err
+    assert "profiled steps 2-3: op types by time" in err
+    table = err[err.index("profiled steps 2-3"):].splitlines()[2:]
+    counts = {line.split()[0]: int(line.split()[-1]) for line in table if line.strip()}
+    assert any("Conv3D" in op and n > 0 for op, n in counts.items()), err[-3000:]
+    rc = train_main(["--config", "tiny_32", "--data", data, "--out", str(tmp_path / "r2"),
+                     "--profile-steps", "3", "2"])
+    assert rc == 2 and "1 <= FIRST <= LAST" in capsys.readouterr().err
+
+
 def test_training_process_imports_tensorflow_without_sklearn_and_matplotlib():
     # Keras imports both for optional integrations (~60 MB of heap); hagan-train skips them,
     # and they stay importable for whoever needs them later in the process.

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import threading
 import time
+from collections import defaultdict
 
 import keras
 import numpy as np
@@ -187,3 +189,74 @@ class StopOnSignal(keras.callbacks.Callback):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         self.previous = {}
+
+
+class Profiler(keras.callbacks.Callback):
+    """Traces steps `first`..`last` with the TensorBoard profiler into `log_dir` (its Profile
+    tab, with tensorboard-plugin-profile) and prints the op types (on a GPU: the kernels) that
+    took the most time, which is where a slow step goes."""
+
+    def __init__(self, log_dir: str, first: int, last: int, top: int = 15):
+        super().__init__()
+        if not 1 <= first <= last:
+            raise ValueError(f"profile steps must be 1 <= FIRST <= LAST, got {first} {last}")
+        self.log_dir, self.first, self.last, self.top = log_dir, first, last, top
+        self.running, self.earlier = False, set()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = int(self.model.step.numpy()) + 1
+        if self.first <= step <= self.last and not self.running:
+            self.earlier = profile_traces(self.log_dir)  # a resumed run's earlier traces
+            tf.profiler.experimental.start(self.log_dir)
+            self.running = True
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.running and int(self.model.step.numpy()) >= self.last:
+            self.stop()
+
+    def on_train_end(self, logs=None):
+        if self.running:
+            self.stop()
+
+    def stop(self):
+        tf.profiler.experimental.stop()
+        self.running = False
+        rows = top_ops(profile_traces(self.log_dir) - self.earlier, self.top)
+        width = max([len(name) for name, _, _ in rows] + [2])
+        lines = [f"profiled steps {self.first}-{self.last}: op types by time (trace in "
+                 f"{self.log_dir}, TensorBoard's Profile tab)", f"{'op':<{width}}  {'ms':>10}  count"]
+        lines += [f"{name:<{width}}  {ms:>10.1f}  {count}" for name, ms, count in rows]
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def profile_traces(log_dir: str) -> set[str]:
+    """The TensorBoard profiler's trace files under log_dir (local or any TF file system)."""
+    return set(tf.io.gfile.glob(os.path.join(log_dir, "plugins", "profile", "*", "*.xplane.pb")))
+
+
+def top_ops(traces, n: int) -> list[tuple[str, float, int]]:
+    """The n op types (GPU: kernels) that took the most time in TensorBoard-profiler traces
+    (xplane.pb files): [(name, total ms, count)], summed over threads and streams."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    totals = defaultdict(lambda: [0.0, 0])
+    for path in traces:
+        space = xplane_pb2.XSpace()
+        with tf.io.gfile.GFile(path, "rb") as f:
+            space.ParseFromString(f.read())
+        for plane in space.planes:
+            if not (plane.name.startswith("/device:GPU") or plane.name == "/host:CPU"):
+                continue
+            names = {k: m.name for k, m in plane.event_metadata.items()}
+            host = plane.name == "/host:CPU"
+            for line in plane.lines:
+                for ev in line.events:
+                    name = names.get(ev.metadata_id, "?")
+                    kind = name.split(":")[-1] if host else name[:60]  # GPU: kernel names
+                    # host ops are "name:Type"; skip spans around them (ExecutorState::Process,
+                    # Iterator::..., "EagerLocalExecute: __inference_...")
+                    if host and (":" not in name or "::" in name or " " in kind):
+                        continue
+                    totals[kind][0] += ev.duration_ps / 1e9
+                    totals[kind][1] += 1
+    return sorted(((k, round(v[0], 1), v[1]) for k, v in totals.items()), key=lambda r: -r[1])[:n]

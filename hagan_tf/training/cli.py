@@ -19,7 +19,7 @@ from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
 from ..data.pipeline import check_records, count_rows, make_dataset  # noqa: E402
 from ..data.records import first_record, read_manifest, unreadable_shards  # noqa: E402
-from .callbacks import Checkpointer, Monitor, StopOnSignal  # noqa: E402
+from .callbacks import Checkpointer, Monitor, Profiler, StopOnSignal  # noqa: E402
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every"}
@@ -112,8 +112,10 @@ def training_input(strategy: tf.distribute.Strategy, data_dir: str, config: HAGA
 
 
 def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
-          progress: bool = True, verbose: bool = True, handle_signals: bool = False) -> dict:
-    """Train (or resume) until config.max_steps.
+          progress: bool = True, verbose: bool = True, handle_signals: bool = False,
+          profile_steps: tuple[int, int] | None = None) -> dict:
+    """Train (or resume) until config.max_steps; `profile_steps=(first, last)` traces those
+    steps with the TensorBoard profiler (on the chief) and prints where their time went.
 
     Returns {'step', 'checkpoint', 'error', 'model', 'chief', 'signal'}; 'chief' is whether
     this process wrote the run directory (false on the other workers of a multi-worker run),
@@ -125,6 +127,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     if config.batch_size % replicas:  # an uneven split would scale the replicas' losses wrongly
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be a "
                          f"multiple of the {replicas} replicas")
+    profiler = (Profiler(os.path.join(run_dir, rundir.TENSORBOARD), *profile_steps)
+                if profile_steps else None)  # checks the steps before any work
     check_resume(run_dir, config)
     check_records(data_dir, config.size)
     training_set = describe_training_set(data_dir, config)
@@ -173,7 +177,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     with stopper or contextlib.nullcontext():
         try:
             gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start, shuffle=False,  # ds shuffles
-                    callbacks=[monitor, checkpointer] + ([stopper] if stopper else []), verbose=0)
+                    callbacks=[c for c in (profiler if chief else None, monitor, checkpointer, stopper) if c],
+                    verbose=0)
         except tf.errors.DataLossError as e:  # a CRC failure: check_records reads headers only
             if several_workers:  # saving needs every worker
                 raise
@@ -202,6 +207,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-steps", type=int, help="stop at this step (overrides max_steps)")
     p.add_argument("--strategy", default="auto", choices=["auto", "mirrored", "multiworker", "default"])
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile-steps", type=int, nargs=2, metavar=("FIRST", "LAST"),
+                   help="trace these steps with the TensorBoard profiler (RUN/tensorboard, Profile "
+                        "tab) and print the op types that took the most time, e.g. 10 12")
     args = p.parse_args(argv)
     keep_channels_last_on_gpu()
     try:
@@ -209,7 +217,8 @@ def main(argv=None) -> int:
         if args.max_steps is not None:
             config = config.replace(max_steps=args.max_steps)
         result = train(config, args.data, args.out, make_strategy(args.strategy),
-                       progress=not args.no_progress, handle_signals=True)
+                       progress=not args.no_progress, handle_signals=True,
+                       profile_steps=args.profile_steps)
     except (ValueError, FileNotFoundError) as e:
         print(f"hagan-train: error: {e}", file=sys.stderr)
         return 2
