@@ -565,6 +565,9 @@ def test_cli_profiles_the_steps_asked_for(data, tmp_path, capsys):
     table = err[err.index("profiled steps 2-3"):].splitlines()[2:]
     counts = {line.split()[0]: int(line.split()[-1]) for line in table if line.strip()}
     assert any("Conv3D" in op and n > 0 for op, n in counts.items()), err[-3000:]
+    rc = train_main(["--config", "tiny_32", "--data", data, "--out", run, "--max-steps", "4",
+                     "--strategy", "default", "--no-progress", "--profile-steps", "2", "3"])
+    assert rc == 0 and "profile steps 2-3: none of them ran" in capsys.readouterr().err  # resumed at 3
     rc = train_main(["--config", "tiny_32", "--data", data, "--out", str(tmp_path / "r2"),
                      "--profile-steps", "3", "2"])
     assert rc == 2 and "1 <= FIRST <= LAST" in capsys.readouterr().err

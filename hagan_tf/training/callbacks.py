@@ -201,29 +201,34 @@ class Profiler(keras.callbacks.Callback):
         if not 1 <= first <= last:
             raise ValueError(f"profile steps must be 1 <= FIRST <= LAST, got {first} {last}")
         self.log_dir, self.first, self.last, self.top = log_dir, first, last, top
-        self.running, self.earlier = False, set()
+        self.started, self.done, self.earlier = None, False, set()
+
+    def _step(self) -> int:
+        return int(self.model.step.numpy())
 
     def on_train_batch_begin(self, batch, logs=None):
-        step = int(self.model.step.numpy()) + 1
-        if self.first <= step <= self.last and not self.running:
+        if self.started is None and not self.done and self.first <= self._step() + 1 <= self.last:
             self.earlier = profile_traces(self.log_dir)  # a resumed run's earlier traces
             tf.profiler.experimental.start(self.log_dir)
-            self.running = True
+            self.started = self._step() + 1
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.running and int(self.model.step.numpy()) >= self.last:
+        if self.started is not None and self._step() >= self.last:
             self.stop()
 
     def on_train_end(self, logs=None):
-        if self.running:
+        if self.started is not None:
             self.stop()
+        elif not self.done:
+            print(f"profile steps {self.first}-{self.last}: none of them ran (this run stopped "
+                  f"at step {self._step()})", file=sys.stderr, flush=True)
 
     def stop(self):
         tf.profiler.experimental.stop()
-        self.running = False
+        started, self.started, self.done = self.started, None, True
         rows = top_ops(profile_traces(self.log_dir) - self.earlier, self.top)
         width = max([len(name) for name, _, _ in rows] + [2])
-        lines = [f"profiled steps {self.first}-{self.last}: op types by time (trace in "
+        lines = [f"profiled steps {started}-{self._step()}: op types by time (trace in "
                  f"{self.log_dir}, TensorBoard's Profile tab)", f"{'op':<{width}}  {'ms':>10}  count"]
         lines += [f"{name:<{width}}  {ms:>10.1f}  {count}" for name, ms, count in rows]
         print("\n".join(lines), file=sys.stderr, flush=True)
@@ -239,24 +244,25 @@ def top_ops(traces, n: int) -> list[tuple[str, float, int]]:
     (xplane.pb files): [(name, total ms, count)], summed over threads and streams."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
-    totals = defaultdict(lambda: [0.0, 0])
+    spaces = []
     for path in traces:
-        space = xplane_pb2.XSpace()
+        spaces.append(xplane_pb2.XSpace())
         with tf.io.gfile.GFile(path, "rb") as f:
-            space.ParseFromString(f.read())
-        for plane in space.planes:
-            if not (plane.name.startswith("/device:GPU") or plane.name == "/host:CPU"):
-                continue
-            names = {k: m.name for k, m in plane.event_metadata.items()}
-            host = plane.name == "/host:CPU"
-            for line in plane.lines:
-                for ev in line.events:
-                    name = names.get(ev.metadata_id, "?")
-                    kind = name.split(":")[-1] if host else name[:60]  # GPU: kernel names
-                    # host ops are "name:Type"; skip spans around them (ExecutorState::Process,
-                    # Iterator::..., "EagerLocalExecute: __inference_...")
-                    if host and (":" not in name or "::" in name or " " in kind):
-                        continue
-                    totals[kind][0] += ev.duration_ps / 1e9
-                    totals[kind][1] += 1
+            spaces[-1].ParseFromString(f.read())
+    planes = [p for space in spaces for p in space.planes]
+    gpus = [p for p in planes if p.name.startswith("/device:GPU")]
+    totals = defaultdict(lambda: [0.0, 0])
+    for plane in gpus or [p for p in planes if p.name == "/host:CPU"]:  # GPU kernels, else CPU ops
+        names = {k: m.name for k, m in plane.event_metadata.items()}
+        host = plane.name == "/host:CPU"
+        for line in plane.lines:
+            for ev in line.events:
+                name = names.get(ev.metadata_id, "?")
+                kind = name.split(":")[-1] if host else name[:60]  # GPU: kernel names
+                # host ops are "name:Type"; skip the spans around them (ExecutorState::Process,
+                # Iterator::..., "EagerLocalExecute: __inference_...")
+                if host and (":" not in name or "::" in name or " " in kind):
+                    continue
+                totals[kind][0] += ev.duration_ps / 1e9
+                totals[kind][1] += 1
     return sorted(((k, round(v[0], 1), v[1]) for k, v in totals.items()), key=lambda r: -r[1])[:n]
