@@ -169,9 +169,10 @@ print("RESULT", json.dumps({"step": r["step"], "weights": h.hexdigest(), "error"
 """
 
 
-def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None):
+def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None, cli=False):
     """`train` in n local worker processes under TF_CONFIG, as a user starts them; with
-    `sigterm_worker_when=(i, ready)`, worker i gets SIGTERM once ready() is true."""
+    `sigterm_worker_when=(i, ready)`, worker i gets SIGTERM once ready() is true. With `cli`,
+    `hagan-train` itself, and each worker's {'rc', 'output'}."""
     import json
     import signal
     import subprocess
@@ -180,8 +181,15 @@ def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None)
 
     from hagan_tf.training import local_tf_configs
 
+    if cli:
+        config = os.path.join(os.path.dirname(run_dir), "config.yaml")
+        cfg.to_yaml(config)
+        command = [sys.executable, "-m", "hagan_tf.training.cli", "--config", config, "--data",
+                   data, "--out", run_dir, "--no-progress"]
+    else:
+        command = [sys.executable, "-c", _WORKER, json.dumps(cfg.to_dict()), data, run_dir]
     procs = [subprocess.Popen(
-        [sys.executable, "-c", _WORKER, json.dumps(cfg.to_dict()), data, run_dir],
+        command,
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
              "TF_CONFIG": tf_config}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for tf_config in local_tf_configs(n)]
@@ -196,6 +204,9 @@ def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None)
             procs[i].send_signal(signal.SIGTERM)
         for i, p in enumerate(procs):
             out = p.communicate(timeout=timeout)[0]
+            if cli:
+                results.append({"rc": p.returncode, "output": out})
+                continue
             lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
             assert p.returncode == 0 and lines, f"worker {i} failed:\n{out[-3000:]}"
             results.append({**json.loads(lines[-1][len("RESULT "):]), "output": out})
@@ -377,18 +388,28 @@ def test_damaged_shards_are_named_before_any_work(data, tmp_path):
     assert shard_problems(extra) == [f"{name}: missing, the manifest lists 4 record(s) in it"]
 
 
-def test_a_record_failing_its_checksum_stops_training_with_a_checkpoint_and_the_shard(data, tmp_path):
-    def flip(raw):
-        raw[5000] ^= 0xFF  # inside the first record's volume bytes: the framing stays intact
-        return raw
+def _flip(raw):
+    raw[5000] ^= 0xFF  # inside the first record's volume bytes: the framing stays intact
+    return raw
 
-    flipped, name = _damaged_copy(data, tmp_path / "flip", flip)
+
+def test_a_record_failing_its_checksum_stops_training_with_a_checkpoint_and_the_shard(data, tmp_path):
+    flipped, name = _damaged_copy(data, tmp_path / "flip", _flip)
     run = str(tmp_path / "run")
     with pytest.raises(ValueError, match=rf"at step (\d+) .*{name}: corrupted record") as e:
         train(tiny(max_steps=8), flipped, run, tf.distribute.get_strategy(), progress=False)
     step = int(e.value.args[0].split("at step ")[1].split()[0])
     assert step < 8 and f"Step {step} is checkpointed" in e.value.args[0]
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith(f"ckpt-{step}")
+
+
+def test_a_record_failing_its_checksum_under_several_workers_names_the_shard(data, tmp_path):
+    """Every worker reads every record once an epoch, so all of them meet the damaged one."""
+    flipped, name = _damaged_copy(data, tmp_path / "flip", _flip)
+    results = _run_workers(tiny(max_steps=12), flipped, str(tmp_path / "run"), cli=True)
+    for r in results:
+        assert r["rc"] == 2 and f"{name}: corrupted record" in r["output"], r["output"][-3000:]
+        assert "The last checkpoint is" in r["output"] and "Traceback" not in r["output"]
 
 
 def test_sigterm_saves_the_running_step_and_exits_143(data, tmp_path):

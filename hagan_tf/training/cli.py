@@ -180,16 +180,18 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
                     callbacks=[c for c in (profiler if chief else None, monitor, checkpointer, stopper) if c],
                     verbose=0)
         except tf.errors.DataLossError as e:  # a CRC failure: check_records reads headers only
-            if several_workers:  # saving needs every worker
-                raise
-            monitor.on_train_end()
-            checkpointer.on_train_end()  # no update of the failed step ran: its batch never came
             step = int(gan.step.numpy())
+            if several_workers:  # saving needs every worker, and the others are leaving too
+                kept = f"The last checkpoint is {manager.latest_checkpoint}"
+            else:
+                monitor.on_train_end()
+                checkpointer.on_train_end()  # no update of the failed step ran: its batch never came
+                kept = f"Step {step} is checkpointed"
             print("a record failed its checksum; reading every shard to name it ...", file=sys.stderr)
             where = "; ".join(unreadable_shards(data_dir)) or e.message
             raise ValueError(f"damaged records in {data_dir!r} at step {step} (re-copy or re-run "
-                             f"hagan-preprocess): {where}. Step {step} is checkpointed: re-run the "
-                             "same command to resume") from e
+                             f"hagan-preprocess): {where}. {kept}: re-run the same command to "
+                             "resume") from e
     step = int(gan.step.numpy())
     if monitor.error and verbose:
         print(f"error: {monitor.error}: {manager.latest_checkpoint}", file=sys.stderr)
