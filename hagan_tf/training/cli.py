@@ -181,8 +181,9 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
                     verbose=0)
         except tf.errors.DataLossError as e:  # a CRC failure: check_records reads headers only
             step = int(gan.step.numpy())
-            if several_workers:  # saving needs every worker, and the others are leaving too
-                kept = f"The last checkpoint is {manager.latest_checkpoint}"
+            if several_workers:  # saving needs every worker, and the others may be leaving too
+                latest = tf.train.latest_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
+                kept = f"The last checkpoint is {latest}" if latest else "No step is checkpointed yet"
             else:
                 monitor.on_train_end()
                 checkpointer.on_train_end()  # no update of the failed step ran: its batch never came
