@@ -38,7 +38,8 @@ def mid_slices(volume) -> list[np.ndarray]:
 
 
 def montage_png(volumes, path: str, titles: list[str] | None = None, vmin=-1.0, vmax=1.0) -> str:
-    """One row per volume: its mid axial, coronal and sagittal slices."""
+    """One row per volume: its mid axial, coronal and sagittal slices (or a volume's
+    `mid_slices`, kept instead of the volume where many volumes of 256^3 would not fit)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,7 +49,8 @@ def montage_png(volumes, path: str, titles: list[str] | None = None, vmin=-1.0, 
     n = len(volumes)
     fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n + 0.4), squeeze=False)
     for i, vol in enumerate(volumes):
-        for j, (sl, view) in enumerate(zip(mid_slices(vol), ("axial", "coronal", "sagittal"))):
+        slices = vol if isinstance(vol, (list, tuple)) else mid_slices(vol)
+        for j, (sl, view) in enumerate(zip(slices, ("axial", "coronal", "sagittal"))):
             ax = axes[i, j]
             ax.imshow(sl, cmap="gray", vmin=vmin, vmax=vmax, origin="lower" if j else "upper")
             ax.set_xticks([])

@@ -9,7 +9,7 @@ import pytest
 
 from hagan_tf import HAGAN, HAGANConfig
 from hagan_tf.apps import augment, directions, embed
-from hagan_tf.apps.common import write_csv
+from hagan_tf.apps.common import class_counts, write_csv
 from hagan_tf.data.pipeline import make_dataset
 from hagan_tf.data.synthetic import write_synthetic_dataset
 from hagan_tf.run import save_model, write_config
@@ -183,8 +183,8 @@ def test_augment_end_to_end_writes_both_accuracies(run_dir, data_dir, tmp_path):
 
 
 def test_augment_class_counts_follow_proportions():
-    assert augment.class_counts(np.array([0, 0, 0, 1]), 3, 6).tolist() == [5, 1, 0]
-    assert augment.class_counts(np.array([0, 1, 2]), 3, 2).sum() == 2
+    assert class_counts(np.array([0, 0, 0, 1]), 3, 6).tolist() == [5, 1, 0]
+    assert class_counts(np.array([0, 1, 2]), 3, 2).sum() == 2
 
 
 def test_augment_needs_a_conditional_model(data_dir, tmp_path, capsys):

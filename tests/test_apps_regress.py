@@ -80,3 +80,15 @@ def test_bad_requests_exit_2_with_a_message(planted, capsys, args, message):
         regress.main([x for kv in base.items() for x in kv])
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_targets_from_a_spreadsheet_with_a_bom_but_not_with_repeated_subjects(planted, capsys):
+    d, emb, tgt = planted
+    text = open(tgt, encoding="utf-8").read()
+    open(tgt, "w", encoding="utf-8-sig").write(text)  # as Excel's "CSV UTF-8" writes it
+    assert run_regress(d, emb, tgt, "signal")["n"] == 120
+    lines = text.splitlines()
+    open(tgt, "w").write("\n".join(lines + [lines[1]]) + "\n")  # s000 twice: a second visit
+    with pytest.raises(SystemExit) as e:
+        run_regress(d, emb, tgt, "signal")
+    assert e.value.code == 2 and "lists subject ids more than once: s000" in capsys.readouterr().err

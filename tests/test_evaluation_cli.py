@@ -113,6 +113,30 @@ def test_evaluate_encoder_features_on_one_fold(setup):
     assert "n/a" in open(os.path.join(out, "report.md")).read()
 
 
+def test_a_metric_that_cannot_be_computed_is_reported_as_such_and_the_rest_written(setup, monkeypatch):
+    root, run, real = setup
+    out = str(root / "report_fid_fails")
+
+    def fails(a, b):
+        raise ValueError("sqrtm has an imaginary component 0.5")
+
+    monkeypatch.setattr(cli, "fid", fails)
+    assert cli.main(["--run", run, "--real", real, "--n", "4", "--batch-size", "4",
+                     "--features", "encoder", "--ms-ssim-samples", "2", "--out", out]) == 0
+    metrics = json.load(open(os.path.join(out, "metrics.json")))["metrics"]
+    fid = _by_name(metrics, "fid", 32)
+    assert fid["value"] is None and fid["available"] is False and "imaginary" in fid["reason"]
+    assert _by_name(metrics, "mmd2_gaussian", 32)["value"] is not None
+
+
+def test_a_conditional_model_samples_classes_in_the_real_proportions():
+    labels = cli.generated_labels([0, 0, 0, 1, 0, 0, 1, 0], 2, 8, seed=0)
+    assert np.bincount(labels).tolist() == [6, 2] and labels.tolist() != sorted(labels.tolist())
+    assert np.array_equal(labels, cli.generated_labels([0, 0, 0, 1, 0, 0, 1, 0], 2, 8, seed=0))
+    assert np.bincount(cli.generated_labels([-1, -1], 3, 6, seed=0)).tolist() == [2, 2, 2]  # unlabelled
+    assert cli.generated_labels([0, 1], 0, 4, seed=0) is None  # unconditional
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--features", "medicalnet"], "needs --weights"),
     (["--features", "random-resnet", "--weights", "x.pth"], "only used with"),

@@ -53,6 +53,16 @@ def test_fid_of_identical_sets_is_zero(n, d):
     assert M.fid(x, x + 1.0) == pytest.approx(d, rel=1e-3)  # only the means differ
 
 
+def test_fid_does_not_depend_on_the_features_units_with_few_samples():
+    # 8 samples of 512 features (a singular product): sqrtm's round-off failed an absolute
+    # test ("imaginary component 0.0232") at this scale and passed at a 100th of it
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=512) * 100
+    a = np.abs(base + rng.normal(size=(8, 512)) * 100)
+    b = np.abs(base + rng.normal(size=(8, 512)) * 150)
+    assert M.fid(a, b) == pytest.approx(M.fid(a / 100, b / 100) * 1e4, rel=1e-6)
+
+
 def test_fid_rejects_bad_input():
     with pytest.raises(ValueError):
         M.fid(np.zeros((1, 3)), np.zeros((5, 3)))
@@ -132,6 +142,25 @@ def test_ms_ssim_identity_symmetry_and_noise_monotone():
     assert 1.0 > M.ms_ssim_3d(a, b) > M.ms_ssim_3d(a, c) > 0.0
     noise = [rng.uniform(-1, 1, (32, 32, 32)) for _ in range(2)]
     assert M.ms_ssim_3d(*noise) < 0.2  # independent noise: little shared structure
+
+
+def test_ms_ssim_takes_signed_volumes_as_intensities_and_ends_on_the_whole_ssim_map():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    u = ndimage.gaussian_filter(0.3 + rng.normal(0, 0.2, (32,) * 3), 1).astype(np.float32)
+    v = ndimage.gaussian_filter(-0.3 + rng.normal(0, 0.2, (32,) * 3), 1).astype(np.float32)
+    # local means of opposite signs made the luminance term negative, and the pair score 0
+    assert M.ms_ssim_3d(u, v) == pytest.approx(M.ms_ssim_3d(u + 1, v + 1, low=0.0), rel=1e-6)
+    assert M.ms_ssim_3d(u, v) > 0.5
+    a = ndimage.gaussian_filter(rng.uniform(0, 1, (16,) * 3), 1).astype(np.float32)
+    b = a.copy()
+    b[..., 8:] = ndimage.gaussian_filter(rng.uniform(0.5, 1, (16, 16, 8)), 1)
+    blur = lambda x: ndimage.gaussian_filter(x, 1.5, truncate=3.5, mode="reflect")  # noqa: E731
+    ma, mb = blur(a), blur(b)  # one scale: SSIM is the mean of luminance x contrast-structure
+    cs = (2 * (blur(a * b) - ma * mb) + 0.03 ** 2) / (blur(a * a) - ma ** 2 + blur(b * b) - mb ** 2 + 0.03 ** 2)
+    lum = (2 * ma * mb + 0.01 ** 2) / (ma ** 2 + mb ** 2 + 0.01 ** 2)
+    assert M.ms_ssim_3d(a, b, data_range=1.0, low=0.0, scales=1) == pytest.approx(np.mean(lum * cs), rel=1e-5)
 
 
 def test_ms_ssim_scales_adapt_to_volume_size():

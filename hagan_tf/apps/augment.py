@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
-from .common import AppError, add_model_args, iter_volumes, main_wrapper, markdown_table, open_source, warn
+from .common import (AppError, add_model_args, class_counts, iter_volumes, main_wrapper, markdown_table,
+                     open_source, warn)
 
 
 def downsample(volumes, size: int) -> np.ndarray:
@@ -24,14 +25,6 @@ def downsample(volumes, size: int) -> np.ndarray:
     v = np.asarray(volumes, np.float32)
     b, f = v.shape[0], v.shape[1] // size
     return v.reshape(b, size, f, size, f, size, f, 1).mean(axis=(2, 4, 6)) if f > 1 else v
-
-
-def class_counts(labels, num_classes: int, total: int) -> np.ndarray:
-    """`total` split over classes in the proportions of `labels` (largest remainder)."""
-    share = np.bincount(labels, minlength=num_classes) / len(labels) * total
-    counts = np.floor(share).astype(int)
-    counts[np.argsort(counts - share, kind="stable")[: total - counts.sum()]] += 1
-    return counts
 
 
 def build_classifier(size: int, num_classes: int):

@@ -19,6 +19,14 @@ class AppError(Exception):
     """Bad input from the user: the command prints it after its usage line and exits with 2."""
 
 
+def class_counts(labels, num_classes: int, total: int) -> np.ndarray:
+    """`total` split over classes in the proportions of `labels` (largest remainder)."""
+    share = np.bincount(labels, minlength=num_classes) / len(labels) * total
+    counts = np.floor(share).astype(int)
+    counts[np.argsort(counts - share, kind="stable")[: total - counts.sum()]] += 1
+    return counts
+
+
 def add_model_args(parser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", metavar="RUN_DIR", help="run directory written by hagan-train")
@@ -63,7 +71,7 @@ def warn(message: str) -> None:
 def read_rows(path: str) -> tuple[list[str], list[dict]]:
     if not os.path.isfile(path):
         raise AppError(f"no such file: {path!r}")
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # a BOM, as spreadsheets write it, is no column name
         reader = csv.DictReader(f)
         rows = list(reader)
         header = list(reader.fieldnames or [])
@@ -106,10 +114,7 @@ def read_embeddings(path: str) -> tuple[list[str], np.ndarray]:
     cols = sorted((int(m.group(1)), c) for c in header if (m := Z_COLUMN.match(c)))
     if not cols or [i for i, _ in cols] != list(range(len(cols))):
         raise AppError(f"{path!r} needs columns z0..z{{latent-1}} next to {SUBJECT!r}")
-    ids = [r[SUBJECT] for r in rows]
-    dup = sorted(s for s, n in Counter(ids).items() if n > 1)
-    if dup:
-        raise AppError(f"{path!r} lists subject ids more than once: {', '.join(dup[:5])}")
+    ids = _unique_ids(path, rows)
     x = np.array([[_number(r[c]) for _, c in cols] for r in rows], np.float64).reshape(len(rows), -1)
     bad = [ids[i] for i in np.flatnonzero(~np.isfinite(x).all(axis=1))]
     if bad:
@@ -122,7 +127,17 @@ def read_target(path: str, column: str) -> dict[str, float]:
     header, rows = read_rows(path)
     if column not in header:
         raise AppError(f"{path!r} has no column {column!r} (columns: {', '.join(header)})")
-    return {r[SUBJECT]: _number(r[column]) for r in rows}
+    return dict(zip(_unique_ids(path, rows), (_number(r[column]) for r in rows)))
+
+
+def _unique_ids(path: str, rows: list[dict]) -> list[str]:
+    """The rows' subject ids, refusing repeats (two visits of one subject, say), which a join
+    would otherwise settle silently by taking one of them."""
+    ids = [r[SUBJECT] for r in rows]
+    dup = sorted(s for s, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise AppError(f"{path!r} lists subject ids more than once: {', '.join(dup[:5])}")
+    return ids
 
 
 def join_target(embeddings: str, targets: str, column: str, log: bool = False,

@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> dict:
-    from ..io import montage_png, save_nifti
+    from ..io import mid_slices, montage_png, save_nifti
 
     if args.steps < 2:
         raise AppError("--steps must be at least 2")
@@ -123,7 +123,7 @@ def run(args) -> dict:
         from_volume.append(float(model.predict(source.encode(vol[None]).astype(np.float64))[0]))
         if band:
             fractions.append(float(np.mean((vol >= band[0]) & (vol <= band[1]))))
-        volumes.append(vol)
+        volumes.append(mid_slices(vol))  # for strip.png: 7 volumes of 256^3 are 470 MB
 
     header = ["step", "t", f"predicted_{args.target}", f"predicted_{args.target}_from_volume"]
     columns = [range(args.steps), t, predicted, from_volume]

@@ -17,6 +17,7 @@ import textwrap
 
 import numpy as np
 
+from ..apps.common import class_counts
 from ..data.records import read_manifest
 from ..io import montage_png
 from .features import EXTRACTORS, make_extractor
@@ -130,11 +131,25 @@ def _real_batches(args, size):
         for batch in ds:
             vol = batch["volume"].numpy()[: args.n - seen]
             seen += len(vol)
-            yield vol
+            yield vol, batch["label"].numpy()[: len(vol)]
             if seen >= args.n:
                 return
     except tf.errors.OpError as e:  # wrong shape, corrupt or unreadable records
         raise ValueError(f"could not read {args.real!r}: {e.message.splitlines()[0]}") from e
+
+
+def generated_labels(real_labels, num_classes: int, n: int, seed: int):
+    """Classes for a conditional model's samples, in the real volumes' proportions: balanced
+    classes against an imbalanced real set would add a shift to FID/MMD that the model did
+    not make. Balanced when the real labels are not the model's classes (unlabelled records)."""
+    if not num_classes:
+        return None
+    real_labels = np.asarray(real_labels, np.int64)
+    if len(real_labels) and real_labels.min() >= 0 and real_labels.max() < num_classes:
+        counts = class_counts(real_labels, num_classes, n)
+    else:
+        counts = class_counts(np.arange(num_classes), num_classes, n)
+    return np.random.default_rng(seed).permutation(np.repeat(np.arange(num_classes), counts))
 
 
 def _entry(name, res, value, ext, real, gen, seed, **extra):
@@ -153,8 +168,13 @@ def compute_metrics(real: _Set, gen: _Set, size: int, factors, ext, args) -> lis
                 out.append(_entry(name, res, None, ext, real, gen, args.seed, available=False,
                                   reason=f"the {ext.name} extractor only takes {ext.size}^3 volumes"))
                 continue
-            value = (fid(fr, fg) if name == "fid" else
-                     mmd2(fr, fg, kernel=name.split("_")[1]))
+            try:  # one metric that cannot be computed must not cost the report the others
+                value = (fid(fr, fg) if name == "fid" else
+                         mmd2(fr, fg, kernel=name.split("_")[1]))
+            except (ValueError, np.linalg.LinAlgError) as e:
+                out.append(_entry(name, res, None, ext, real, gen, args.seed, available=False,
+                                  reason=str(e)))
+                continue
             out.append(_entry(name, res, value, ext, real, gen, args.seed))
         for which, s in (("generated", gen), ("real", real)):
             vols = s.vols(f)[: args.ms_ssim_samples]
@@ -294,15 +314,17 @@ def main(argv=None) -> int:
 
         keep = max(args.ms_ssim_samples, 4)
         real, gen = _Set(factors, keep, ext, scorers()), _Set(factors, keep, ext, scorers())
+        real_labels = []
         with tqdm(total=n_real or args.n, desc="real volumes", unit="vol") as bar:
-            for vol in _real_batches(args, size):
+            for vol, lab in _real_batches(args, size):
                 real.add(vol)
+                real_labels.append(lab)
                 bar.update(len(vol))
         _need_two(real.n, args)
         rng = np.random.default_rng(args.seed)
         z = rng.standard_normal((args.n, model.config.latent_dim)).astype(np.float32)
-        k = model.config.num_classes
-        labels = np.arange(args.n) % k if k else None  # balanced classes for a conditional model
+        labels = generated_labels(np.concatenate(real_labels), model.config.num_classes, args.n,
+                                  args.seed)
         with tqdm(total=args.n, desc="generated volumes", unit="vol") as bar:
             for i in range(0, args.n, args.batch_size):
                 lab = None if labels is None else labels[i:i + args.batch_size]

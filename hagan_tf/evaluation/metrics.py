@@ -28,23 +28,33 @@ def _features(x, name="features") -> np.ndarray:
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½) between two Gaussians.
 
-    When S1 S2 is singular (fewer samples than features) sqrtm is unstable: eps is added to
-    both diagonals, as in the reference FID code; a tiny imaginary part from round-off is dropped.
+    When S1 S2 is singular (fewer samples than features) sqrtm is unstable: eps (relative to
+    the covariances' scale) is added to both diagonals, as in the reference FID code; an
+    imaginary part from round-off is dropped when it is small against the real one, a test
+    that must not depend on the features' units.
     """
     mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
     sigma1, sigma2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError("means and covariances must have matching shapes")
+
+    def imaginary(root) -> float:  # the diagonal's imaginary part, relative to its real part
+        if not np.iscomplexobj(root):
+            return 0.0
+        d = np.diagonal(root)
+        return float(np.abs(d.imag).max() / max(np.abs(d.real).max(), 1e-30))
+
     with warnings.catch_warnings():  # a singular product is expected and handled here
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all() or _rel_error(covmean, sigma1 @ sigma2) > 1e-3:
-            offset = np.eye(len(sigma1)) * eps
+        if (not np.isfinite(covmean).all() or _rel_error(covmean, sigma1 @ sigma2) > 1e-3
+                or imaginary(covmean) > 1e-3):
+            scale = max(np.abs(np.diagonal(sigma1)).max(), np.abs(np.diagonal(sigma2)).max(), 1e-30)
+            offset = np.eye(len(sigma1)) * eps * scale
             covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"sqrtm has an imaginary component {np.abs(covmean.imag).max():.3g}")
-        covmean = covmean.real
+    if imaginary(covmean) > 1e-3:
+        raise ValueError(f"sqrtm has an imaginary component {np.abs(covmean.imag).max():.3g}")
+    covmean = covmean.real
     diff = mu1 - mu2
     return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean), 0.0))
 
@@ -125,13 +135,17 @@ def _pool2(v: np.ndarray) -> np.ndarray:
     return v.reshape(d // 2, 2, h // 2, 2, w // 2, 2).mean((1, 3, 5))
 
 
-def ms_ssim_3d(a, b, data_range: float = 2.0, sigma: float = 1.5, scales: int | None = None) -> float:
+def ms_ssim_3d(a, b, data_range: float = 2.0, sigma: float = 1.5, scales: int | None = None,
+               low: float = -1.0) -> float:
     """Multi-scale SSIM of two volumes with a 3D Gaussian window (sigma 1.5, 11 taps).
 
-    Contrast-structure terms at every scale and luminance at the coarsest (Wang et al. 2003),
-    2x average pooling between scales, negative terms clipped to 0 as tf.image does.
+    Contrast-structure terms at every scale and, at the coarsest, the mean of the whole SSIM
+    map (Wang et al. 2003, as tf.image.ssim_multiscale); 2x average pooling between scales,
+    negative terms clipped to 0 as tf.image does. Values span [low, low + data_range] and are
+    shifted to [0, data_range] first: the luminance term assumes non-negative intensities, and
+    on [-1, 1] local means of opposite signs would make it negative.
     """
-    a, b = _volume(a), _volume(b)
+    a, b = _volume(a) - np.float32(low), _volume(b) - np.float32(low)
     if a.shape != b.shape:
         raise ValueError(f"volumes differ in shape: {a.shape} vs {b.shape}")
     scales = ms_ssim_scales(a.shape) if scales is None else scales
@@ -144,12 +158,12 @@ def ms_ssim_3d(a, b, data_range: float = 2.0, sigma: float = 1.5, scales: int | 
         var_a = blur(a * a) - mu_a ** 2
         var_b = blur(b * b) - mu_b ** 2
         cov = blur(a * b) - mu_a * mu_b
-        cs = float(np.mean((2 * cov + c2) / (var_a + var_b + c2)))
+        cs = (2 * cov + c2) / (var_a + var_b + c2)
         if s == scales - 1:
-            lum = float(np.mean((2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)))
-            out *= max(lum * cs, 0.0) ** weights[s]
+            lum = (2 * mu_a * mu_b + c1) / (mu_a ** 2 + mu_b ** 2 + c1)
+            out *= max(float(np.mean(lum * cs)), 0.0) ** weights[s]
         else:
-            out *= max(cs, 0.0) ** weights[s]
+            out *= max(float(np.mean(cs)), 0.0) ** weights[s]
             a, b = _pool2(a), _pool2(b)
     return float(out)
 
