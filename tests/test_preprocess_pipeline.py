@@ -209,3 +209,21 @@ def test_script_wrapper_runs(tmp_path, monkeypatch, capsys):
         runpy.run_path(script, run_name="__main__")
     assert e.value.code == 0 and "written: 1, failed: 0" in capsys.readouterr().out
     assert (tmp_path / "o" / DEAD_LETTER).read_text() == ""  # there, and empty: nothing failed
+
+
+def test_literal_names_with_glob_characters_a_bom_and_a_url_input(tmp_path, capsys):
+    from hagan_tf.preprocess.beam import list_inputs
+
+    for name in ("scan[1].nii.gz", "scan1.nii.gz"):
+        save_scan(tmp_path / name, phantom_hu((40, 48, 36), 0.7, np.random.default_rng(0)))
+    assert list_inputs([str(tmp_path / "scan[1].nii.gz")]) == [str(tmp_path / "scan[1].nii.gz")]
+    assert list_inputs([str(tmp_path / "scan?.nii.gz")]) == [str(tmp_path / "scan1.nii.gz")]
+    labels = tmp_path / "labels.csv"
+    labels.write_bytes(b"\xef\xbb\xbfname,label\nscan1,0\n")  # as Excel's "CSV UTF-8" starts
+    assert read_labels(str(labels)) == {"scan1": 0}
+    # a URL is copied to local scratch space for nibabel, one scan at a time
+    assert main(["--input", f"file://{tmp_path / 'scan1.nii.gz'}", "--output", str(tmp_path / "o"),
+                 "--size", "32", "--labels", str(labels)]) == 0
+    assert "written: 1, failed: 0" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "o")) == ["data-00000-of-00001.tfrecord", DEAD_LETTER,
+                                                  "manifest.jsonl", "summary.json"]

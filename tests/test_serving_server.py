@@ -1,6 +1,7 @@
 """hagan-serve as a subprocess on free loopback ports: gRPC and REST round trips, bad requests,
 concurrency, new versions; and the hagan-sample / hagan-encode clients against it."""
 
+import argparse
 import csv
 import json
 import os
@@ -306,6 +307,19 @@ def test_new_versions_and_models_are_picked_up_without_restart(served, tmp_path)
     client.close()
 
 
+def test_a_broken_newest_version_falls_back_at_once_and_a_taken_port_is_refused(served, tmp_path):
+    from hagan_tf.serving.server import Server
+
+    base = tmp_path / "models"
+    shutil.copytree(os.path.join(served[1], "hagan", "1"), base / "hagan" / "1")
+    (base / "hagan" / "2").mkdir()
+    (base / "hagan" / "2" / "saved_model.pb").write_bytes(b"not a saved model")
+    with Server(str(base), port=0, rest_port=None) as server:
+        assert server.registry.get("hagan").version == 1  # not "none yet" until the next poll
+        with pytest.raises(OSError, match="cannot bind gRPC"):  # no SO_REUSEPORT sharing
+            Server(str(base), port=server.port, rest_port=None)
+
+
 def test_hagan_sample_writes_nifti_montage_and_is_reproducible(served, tmp_path):
     import nibabel as nib
 
@@ -373,3 +387,27 @@ def test_hagan_encode_preprocesses_scans_and_skips_bad_ones(served, tmp_path, ca
         assert [r[0] for r in rows[1:]] == scans
         np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], np.float32), expected,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_hagan_encode_takes_the_training_datas_transform(tmp_path):
+    """Scans must be encoded as the model's training data was preprocessed (--like DATA_DIR)."""
+    from hagan_tf.serving.client import encode_transform
+
+    def settings(*argv):
+        parser = argparse.ArgumentParser()
+        for flag in ("--like", "--modality", "--percentile", "--isotropic", "--min-extent"):
+            parser.add_argument(flag, type=str if flag in ("--like", "--modality") else float)
+        parser.add_argument("--window", type=float, nargs=2)
+        return encode_transform(parser.parse_args(argv))
+
+    assert settings() == {"modality": "ct", "window": (-1024.0, 600.0), "percentile": 99.9,
+                          "isotropic": None, "min_extent": None}
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"modality": "mri", "window": None, "percentile": 99.5, "isotropic": 1.0, "min_extent": 16}))
+    assert settings("--like", str(tmp_path)) == {"modality": "mri", "window": (-1024.0, 600.0),
+                                                 "percentile": 99.5, "isotropic": 1.0, "min_extent": 16}
+    assert settings("--like", str(tmp_path), "--isotropic", "2")["isotropic"] == 2.0  # options win
+    with pytest.raises(ValueError, match="no summary.json"):
+        settings("--like", str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="LOW must be below HIGH"):
+        settings("--window", "600", "-1024")

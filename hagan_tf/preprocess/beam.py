@@ -61,7 +61,7 @@ def list_inputs(patterns: list[str]) -> list[str]:
         if gfile.isdir(pattern):
             for root, _, files in gfile.walk(pattern):
                 paths.update(_join(root, f) for f in files if f.lower().endswith(NIFTI_SUFFIXES))
-        elif any(c in pattern for c in "*?["):
+        elif any(c in pattern for c in "*?[") and not gfile.exists(pattern):  # scan[1].nii.gz is a name
             matches = gfile.glob(pattern)
             if not matches:
                 log.warning("--input %r matches nothing", pattern)
@@ -74,8 +74,8 @@ def list_inputs(patterns: list[str]) -> list[str]:
 
 def read_labels(path: str) -> dict[str, int]:
     """`name,label` CSV -> {subject id: label}; names may carry .nii/.nii.gz and directories."""
-    with gfile.GFile(path, "r") as f:
-        rows = list(csv.reader(io.StringIO(f.read())))
+    with gfile.GFile(path, "r") as f:  # without the BOM that spreadsheets write first
+        rows = list(csv.reader(io.StringIO(f.read().removeprefix("\ufeff"))))
     if not rows or [c.strip().lower() for c in rows[0][:2]] != ["name", "label"]:
         raise ValueError(f"{path}: the first line must be the header 'name,label'")
     labels = {}
@@ -177,9 +177,10 @@ class WriteShard(beam.DoFn):
                 if "reason" in entry:
                     dead.append(self._dead(entry, entry["reason"]))
                     continue
+                local = None
                 try:
-                    volume, meta = preprocess_file(_local_copy(entry["source"], scratch),
-                                                   **self.transform)
+                    local = _local_copy(entry["source"], scratch)
+                    volume, meta = preprocess_file(local, **self.transform)
                 except ScanError as e:
                     dead.append(self._dead(entry, str(e)))
                     continue
@@ -188,6 +189,9 @@ class WriteShard(beam.DoFn):
                     dead.append(self._dead(entry, f"unexpected {type(e).__name__}: "
                                                   f"{' '.join(str(e).split())[:300]}"))
                     continue
+                finally:  # a remote scan's local copy goes now, not with the whole shard's
+                    if local not in (None, entry["source"]) and os.path.exists(local):
+                        os.remove(local)
                 writer.write(encode_example(volume, entry["subject_id"], entry["label"],
                                             entry["fold"], self.dtype))
                 meta.pop("subject_id")
@@ -376,16 +380,14 @@ def main(argv: list[str] | None = None) -> int:
             build_pipeline(p, assign_shards(entries, shards, args.fold_seed), out_dir, shards,
                            args.dtype, **transform)
     except Exception as e:
-        done.set()
-        progress.join()
         print(f"error: the pipeline failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    done.set()
-    progress.join()
+    finally:
+        done.set()
+        progress.join()
+        for tmp in gfile.glob(_join(out_dir, TMP_PREFIX + "*")):  # left by retried or failed bundles
+            gfile.remove(tmp)
     wall = time.time() - start
-
-    for tmp in gfile.glob(_join(out_dir, TMP_PREFIX + "*")):  # left by retried bundles
-        gfile.remove(tmp)
     rows, dead = _read_jsonl(_join(out_dir, MANIFEST)), _read_jsonl(_join(out_dir, DEAD_LETTER))
     summary = {
         "in": len(entries), "written": len(rows), "failed": len(dead),
@@ -393,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         "shards": shards, "size": args.size, "modality": args.modality,
         "window": list(args.window) if args.modality == "ct" else None,
         "percentile": args.percentile if args.modality == "mri" else None,
-        "isotropic": args.isotropic, "dtype": args.dtype, "folds": args.folds,
+        "isotropic": args.isotropic, "min_extent": args.min_extent, "dtype": args.dtype,
+        "folds": args.folds,
         "fold_seed": args.fold_seed, "labels": args.labels,
         "labels_unmatched": (sorted(set(labels) - {e["subject_id"] for e in entries})
                              if labels is not None else []),

@@ -331,6 +331,33 @@ def sample_main(argv=None) -> int:
     return 0
 
 
+def encode_transform(args) -> dict:
+    """preprocess_file's settings: the options given, else the training data's summary.json
+    (`--like`), else hagan-preprocess's defaults. A scan encoded with other settings than its
+    model was trained on gets a wrong embedding without any error."""
+    from ..data.records import SUMMARY
+    from ..preprocess.transform import CT_WINDOW
+
+    saved = {}
+    if args.like:
+        path = os.path.join(args.like, SUMMARY)
+        if not os.path.isfile(path):
+            raise ValueError(f"--like {args.like!r}: no {SUMMARY} (hagan-preprocess writes one)")
+        with open(path) as f:
+            saved = json.load(f)
+    settings = {"modality": "ct", "window": CT_WINDOW, "percentile": 99.9, "isotropic": None,
+                "min_extent": None}
+    for key in settings:
+        if saved.get(key) is not None:
+            settings[key] = saved[key]
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    settings["window"] = tuple(float(x) for x in settings["window"])
+    if settings["window"][0] >= settings["window"][1]:
+        raise ValueError("--window LOW must be below HIGH")
+    return settings
+
+
 def encode_main(argv=None) -> int:
     """hagan-encode: one CSV row of latent values per scan, preprocessed as the training data."""
     from tqdm import tqdm
@@ -343,13 +370,23 @@ def encode_main(argv=None) -> int:
     _add_connection_args(p)
     p.add_argument("scans", nargs="+", help="NIfTI files (.nii or .nii.gz)")
     p.add_argument("--out", required=True, help="CSV file to write")
-    p.add_argument("--modality", choices=("ct", "mri"), default="ct",
-                   help="intensity normalisation (default: %(default)s)")
-    p.add_argument("--window", type=float, nargs=2, default=(-1024.0, 600.0),
-                   metavar=("LOW", "HIGH"), help="CT window in HU (default: -1024 600)")
+    p.add_argument("--like", metavar="DATA_DIR",
+                   help="the training data's directory: take the transform settings (modality, "
+                        "window, percentile, isotropic, min extent) from its summary.json; the "
+                        "options below override them")
+    p.add_argument("--modality", choices=("ct", "mri"), help="intensity normalisation (default: ct)")
+    p.add_argument("--window", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                   help="CT window in HU (default: -1024 600)")
+    p.add_argument("--percentile", type=float, help="MRI: clip at this percentile (default: 99.9)")
+    p.add_argument("--isotropic", type=float, metavar="MM",
+                   help="resample to isotropic voxels first, as hagan-preprocess --isotropic")
+    p.add_argument("--min-extent", type=int, metavar="VOXELS",
+                   help="as hagan-preprocess --min-extent (default: S/4)")
     args = p.parse_args(argv)
-    if args.window[0] >= args.window[1]:
-        p.error("--window LOW must be below HIGH")
+    try:
+        transform = encode_transform(args)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     client = _connect(p, args)
     from ..preprocess.transform import preprocess_file
 
@@ -367,8 +404,7 @@ def encode_main(argv=None) -> int:
                 names, volumes = [], []
                 for path in chunk:
                     try:
-                        volume, _ = preprocess_file(path, size, modality=args.modality,
-                                                    window=tuple(args.window))
+                        volume, _ = preprocess_file(path, size, **transform)
                     except Exception as e:  # noqa: BLE001 - one bad scan must not stop the rest
                         failed.append((path, f"{type(e).__name__}: {e}"))
                         continue

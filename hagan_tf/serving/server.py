@@ -92,9 +92,11 @@ class ModelRegistry:
                     continue
                 present.add(name)
                 current = self._models.get(name)
-                if current is not None and current.version == loadable[-1]:
-                    continue
-                self._load(name, loadable[-1])
+                for version in reversed(loadable):  # the newest that loads; a broken one falls back
+                    if current is not None and current.version >= version:
+                        break
+                    if self._load(name, version):
+                        break
             with self._lock:
                 for name in set(self._models) - present:
                     log.info("model %s is gone from %s: unloaded", name, self.model_base)
@@ -105,7 +107,7 @@ class ModelRegistry:
         path = os.path.join(self.model_base, name, str(version))
         return failed is not None and failed[0] == _stamp(path)
 
-    def _load(self, name: str, version: int) -> None:
+    def _load(self, name: str, version: int) -> bool:
         path = os.path.join(self.model_base, name, str(version))
         log.info("loading %s version %d from %s", name, version, path)
         try:
@@ -114,11 +116,12 @@ class ModelRegistry:
             log.error("could not load %s version %d: %s", name, version, e)
             with self._lock:
                 self._failed[(name, version)] = (_stamp(path), f"{type(e).__name__}: {e}")
-            return
+            return False
         with self._lock:
             self._models[name] = servable
             self._failed.pop((name, version), None)
         log.info("serving %s version %d", name, version)
+        return True
 
     def get(self, name: str, version: int | None = None) -> Servable:
         with self._lock:
@@ -395,7 +398,7 @@ class RestApp:
     def _predict(self, servable: Servable, body: bytes) -> dict:
         try:
             request = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # the last: nesting
             raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {e}")
         if not isinstance(request, dict):
             raise ServingError("INVALID_ARGUMENT", "the request body must be a JSON object")
@@ -541,7 +544,10 @@ class Server:
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=grpc_threads, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", limit),
-                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     # gRPC shares a port with SO_REUSEPORT by default: a second server on a
+                     # taken port would split the clients with the first, without an error
+                     ("grpc.so_reuseport", 0)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionServicer(self.predictor), self.grpc_server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
