@@ -83,7 +83,7 @@ def main(argv=None) -> int:
               ["hagan-sample", "--server", addr, "-n", "4", "--seed", "0", "--out", d["samples"]])
         _step("encode over REST", encode_main,
               ["hagan-encode", "--server", f"127.0.0.1:{server.rest_port}", "--rest", *scans[:4],
-               "--out", os.path.join(out, "embeddings.csv")])
+               "--like", d["data"], "--out", os.path.join(out, "embeddings.csv")])
     _step("evaluate (held-out fold 3)", evaluate,
           ["hagan-evaluate", "--run", d["run"], "--real", d["data"], "--fold", "3", "--n", "8",
            "--features", "random-resnet", "--resnet-width", "0.25", "--ms-ssim-samples", "4",
