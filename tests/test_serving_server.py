@@ -46,7 +46,8 @@ def served(tmp_path_factory):
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         cmd + ["--model-base", base, "--port", "0", "--rest-port", "0", "--poll-seconds", "0.5",
-               "--max-request-bytes", str(MAX_BYTES), "--max-batch", "8"],
+               "--max-request-bytes", str(MAX_BYTES), "--max-rest-bytes", str(MAX_BYTES),
+               "--max-batch", "8"],
         stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = proc.stdout.readline()  # printed once both ports are bound and models loaded

@@ -35,6 +35,8 @@ from .export import versions
 
 log = logging.getLogger("hagan_tf.serving")
 
+MAX_REST_BYTES = 256 << 20  # a 256^3 float32 volume is ~200 MB of JSON; parsing holds ~7x
+
 DEFAULT_SIGNATURE = "serving_default"
 _GRPC_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 _TF_TRACE_LINE = re.compile(r"^(Graph execution error:|Detected at node|<stack traces|\s*\[\[)")
@@ -480,8 +482,9 @@ class _RestHandler(BaseHTTPRequestHandler):
                 left -= len(chunk)
             self.close_connection = True
             return self._reply(413, {"error": f"request body of {length} bytes exceeds the limit "
-                                              f"of {self.server.max_body} (--max-request-bytes)"})
-        self._reply(*self.server.app.handle("POST", self.path, self.rfile.read(int(length))))
+                                              f"of {self.server.max_body} (hagan-serve --max-rest-bytes)"})
+        with self.server.bodies:  # JSON parsing holds several times the body: a few at once
+            self._reply(*self.server.app.handle("POST", self.path, self.rfile.read(int(length))))
 
     def _refuse(self):
         self.close_connection = True
@@ -506,10 +509,11 @@ class _RestHandler(BaseHTTPRequestHandler):
 class _RestServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address, app: RestApp, max_body: int):
+    def __init__(self, address, app: RestApp, max_body: int, max_concurrent: int = 4):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.app, self.max_body = app, max_body
+        self.bodies = threading.BoundedSemaphore(max_concurrent)
         super().__init__(address, _RestHandler)
 
     def handle_error(self, request, client_address):
@@ -530,7 +534,8 @@ class Server:
     def __init__(self, model_base: str, host: str = "127.0.0.1", port: int = 8500,
                  rest_port: int | None = 8501, poll_seconds: float = 5.0,
                  max_request_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 16,
-                 max_concurrent: int = 4, grpc_threads: int = 16):
+                 max_concurrent: int = 4, grpc_threads: int = 16,
+                 max_rest_bytes: int = MAX_REST_BYTES):
         if not os.path.isdir(model_base):
             raise FileNotFoundError(f"model base {model_base!r} is not a directory")
         self.registry = ModelRegistry(model_base)
@@ -564,7 +569,7 @@ class Server:
         if rest_port is not None:
             try:
                 self.rest = _RestServer((host, rest_port), RestApp(self.predictor),
-                                        max_request_bytes)
+                                        max_rest_bytes, max_concurrent)
             except OSError as e:
                 raise OSError(f"cannot bind REST to {host}:{rest_port}: {e}") from None
             self.rest_port = self.rest.server_address[1]
@@ -615,7 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poll-seconds", type=float, default=5.0,
                    help="how often to look for new versions (default: %(default)s)")
     p.add_argument("--max-request-bytes", type=int, default=MAX_MESSAGE_BYTES,
-                   help="largest gRPC message or REST body accepted (default: 2 GiB - 1)")
+                   help="largest gRPC message accepted (default: 2 GiB - 1)")
+    p.add_argument("--max-rest-bytes", type=int, default=MAX_REST_BYTES,
+                   help="largest REST body accepted (default: 256 MiB, one 256^3 volume as JSON; "
+                        "parsing JSON takes several times the body)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="largest batch one request may ask for (default: %(default)s)")
     p.add_argument("--max-concurrent", type=int, default=4,
@@ -632,7 +640,8 @@ def main(argv=None) -> int:
     for flag in ("port", "rest_port"):
         if not 0 <= getattr(args, flag) <= 65535:
             parser.error(f"--{flag.replace('_', '-')} must be in 0..65535")
-    for flag in ("max_request_bytes", "max_batch", "max_concurrent", "grpc_max_threads"):
+    for flag in ("max_request_bytes", "max_rest_bytes", "max_batch", "max_concurrent",
+                 "grpc_max_threads"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.poll_seconds <= 0:
@@ -645,7 +654,7 @@ def main(argv=None) -> int:
         server = Server(args.model_base, args.host, args.port,
                         None if args.no_rest else args.rest_port, args.poll_seconds,
                         args.max_request_bytes, args.max_batch, args.max_concurrent,
-                        args.grpc_max_threads)
+                        args.grpc_max_threads, args.max_rest_bytes)
     except OSError as e:
         print(f"hagan-serve: {e}", file=sys.stderr)
         return 1
