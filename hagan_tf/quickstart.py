@@ -57,6 +57,7 @@ def main(argv=None) -> int:
             p.error(f"{args.out!r} is not empty: pass --overwrite or another --out")
         shutil.rmtree(args.out)
 
+    from .data.records import DEAD_LETTER
     from .evaluation.cli import main as evaluate
     from .preprocess.beam import main as preprocess
     from .serving.client import encode_main, sample_main
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         (d["samples"], "the samples as NIfTI (any viewer: ITK-SNAP, 3D Slicer, nibabel)"),
         (os.path.join(d["report"], "report.md"), "the metrics report (+ mds.png, montage.png)"),
         (os.path.join(out, "embeddings.csv"), "latent codes of four scans"),
-        (os.path.join(d["data"], "dead_letter.jsonl"), "the corrupt input and why it was refused"),
+        (os.path.join(d["data"], DEAD_LETTER), "the corrupt input and why it was refused"),
         (os.path.join(d["run"], "tensorboard"), "tensorboard --logdir " + os.path.join(d["run"], "tensorboard")),
     ]:
         print(f"  {path:<45} {what}")

@@ -23,6 +23,7 @@ import tensorflow as tf
 
 SHARD_PATTERN = "*.tfrecord"
 MANIFEST = "manifest.jsonl"
+DEAD_LETTER = "dead_letter.jsonl"
 SUMMARY = "summary.json"
 DTYPES = ("float16", "float32")
 
@@ -82,7 +83,7 @@ def first_record(data_dir: str) -> dict:
     first = next(iter(tf.data.TFRecordDataset(shard_paths(data_dir)).take(1)), None)
     if first is None:
         why = (" (hagan-preprocess refused every scan: see its dead_letter.jsonl)"
-               if tf.io.gfile.exists(os.path.join(data_dir, "dead_letter.jsonl")) else "")
+               if tf.io.gfile.exists(os.path.join(data_dir, DEAD_LETTER)) else "")
         raise ValueError(f"no records in {data_dir!r}: every shard is empty{why}")
     return {k: v.numpy() for k, v in tf.io.parse_single_example(first, FEATURES).items()}
 

@@ -35,10 +35,9 @@ import apache_beam as beam  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ..config import HAGANConfig
-from ..data.records import MANIFEST, SHARD_PATTERN, SUMMARY, encode_example, shard_name
+from ..data.records import DEAD_LETTER, MANIFEST, SHARD_PATTERN, SUMMARY, encode_example, shard_name
 from .transform import CT_WINDOW, NIFTI_SUFFIXES, ScanError, preprocess_file, subject_id
 
-DEAD_LETTER = "dead_letter.jsonl"
 TMP_PREFIX = ".tmp-"
 OUTPUTS = (SHARD_PATTERN, MANIFEST, SUMMARY, DEAD_LETTER, TMP_PREFIX + "*")
 SHARD_BYTES = 256 * 2 ** 20

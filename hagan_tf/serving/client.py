@@ -335,8 +335,10 @@ def encode_transform(args) -> dict:
     """preprocess_file's settings: the options given, else the training data's summary.json
     (`--like`), else hagan-preprocess's defaults. A scan encoded with other settings than its
     model was trained on gets a wrong embedding without any error."""
+    import inspect
+
     from ..data.records import SUMMARY
-    from ..preprocess.transform import CT_WINDOW
+    from ..preprocess.transform import preprocess_file
 
     saved = {}
     if args.like:
@@ -345,8 +347,9 @@ def encode_transform(args) -> dict:
             raise ValueError(f"--like {args.like!r}: no {SUMMARY} (hagan-preprocess writes one)")
         with open(path) as f:
             saved = json.load(f)
-    settings = {"modality": "ct", "window": CT_WINDOW, "percentile": 99.9, "isotropic": None,
-                "min_extent": None}
+    defaults = inspect.signature(preprocess_file).parameters  # hagan-preprocess's own defaults
+    settings = {k: defaults[k].default for k in ("modality", "window", "percentile", "isotropic",
+                                                 "min_extent")}
     for key in settings:
         if saved.get(key) is not None:
             settings[key] = saved[key]
