@@ -227,3 +227,27 @@ def test_literal_names_with_glob_characters_a_bom_and_a_url_input(tmp_path, caps
     assert "written: 1, failed: 0" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "o")) == ["data-00000-of-00001.tfrecord", DEAD_LETTER,
                                                   "manifest.jsonl", "summary.json"]
+
+
+def test_a_remote_scans_local_copy_is_removed_before_the_next_is_read(tmp_path, monkeypatch):
+    """On gs:// inputs a shard's scans would otherwise pile up on the worker's disk."""
+    import hagan_tf.preprocess.beam as beam_mod
+
+    for name in ("r1", "r2", "r3"):
+        save_scan(tmp_path / f"{name}.nii.gz", phantom_hu((40, 48, 36), 0.7,
+                                                          np.random.default_rng(0)))
+    (tmp_path / "r2.nii.gz").write_bytes(b"not a scan")  # fails after being copied
+    seen = []
+
+    def spy(path, **kw):  # what the scratch directory holds while each scan is read
+        seen.append((os.path.basename(path), sorted(os.listdir(os.path.dirname(path)))))
+        return preprocess_file(path, **kw)
+
+    monkeypatch.setattr(beam_mod, "preprocess_file", spy)
+    entries = plan([f"file://{tmp_path}/{n}.nii.gz" for n in ("r1", "r2", "r3")])
+    out = tmp_path / "out"
+    out.mkdir()
+    results = list(beam_mod.WriteShard(str(out), 1, size=32).process((0, entries)))
+    assert seen == [(f"{n}.nii.gz", [f"{n}.nii.gz"]) for n in ("r1", "r2", "r3")]
+    assert [r["subject_id"] for r in results if isinstance(r, dict)] == ["r1", "r3"]
+    assert [r.value["subject_id"] for r in results if not isinstance(r, dict)] == ["r2"]

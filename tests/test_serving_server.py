@@ -412,3 +412,41 @@ def test_hagan_encode_takes_the_training_datas_transform(tmp_path):
         settings("--like", str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="LOW must be below HIGH"):
         settings("--window", "600", "-1024")
+
+
+def test_rest_reads_and_parses_at_most_max_concurrent_bodies_at_once():
+    """The bound that keeps N large JSON bodies (~7x their size once parsed) out of memory."""
+    from hagan_tf.serving.server import _RestServer
+
+    class SlowApp:  # stands in for RestApp: counts the bodies being handled at once
+        def __init__(self):
+            self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+        def handle(self, method, path, body):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(0.2)
+            with self.lock:
+                self.now -= 1
+            return 200, {"bytes": len(body or b"")}
+
+    app = SlowApp()
+    server = _RestServer(("127.0.0.1", 0), app, max_body=1 << 20, max_concurrent=2)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        answers = []
+        clients = [threading.Thread(target=lambda: answers.append(
+            _rest(port, "/v1/models/m:predict", raw=b"x" * 1000))) for _ in range(6)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(timeout=60)
+        assert answers == [(200, {"bytes": 1000})] * 6
+        assert app.most == 2  # six clients at once, never more than two bodies held
+        assert _rest(port, "/v1/models/m:predict", raw=b"x" * (2 << 20))[0] == 413
+        assert app.most == 2 and app.now == 0
+    finally:
+        server.shutdown()
+        server.server_close()
