@@ -1,6 +1,7 @@
 """Issue 3: the four-update step, distribution, resume, the hagan-train CLI."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -172,7 +173,7 @@ print("RESULT", json.dumps({"step": r["step"], "weights": h.hexdigest(), "error"
 def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None, cli=False):
     """`train` in n local worker processes under TF_CONFIG, as a user starts them; with
     `sigterm_worker_when=(i, ready)`, worker i gets SIGTERM once ready() is true. With `cli`,
-    `hagan-train` itself, and each worker's {'rc', 'output'}."""
+    `hagan-train` itself, and each worker's {'rc', 'output'}. `data` may list one per worker."""
     import json
     import signal
     import subprocess
@@ -184,15 +185,19 @@ def _run_workers(cfg, data, run_dir, n=2, timeout=300, sigterm_worker_when=None,
     if cli:
         config = os.path.join(os.path.dirname(run_dir), "config.yaml")
         cfg.to_yaml(config)
-        command = [sys.executable, "-m", "hagan_tf.training.cli", "--config", config, "--data",
-                   data, "--out", run_dir, "--no-progress"]
+
+        def command(data):
+            return [sys.executable, "-m", "hagan_tf.training.cli", "--config", config, "--data",
+                    data, "--out", run_dir, "--no-progress"]
     else:
-        command = [sys.executable, "-c", _WORKER, json.dumps(cfg.to_dict()), data, run_dir]
+        def command(data):
+            return [sys.executable, "-c", _WORKER, json.dumps(cfg.to_dict()), data, run_dir]
     procs = [subprocess.Popen(
-        command,
+        command(d),
         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2",
              "TF_CONFIG": tf_config}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for tf_config in local_tf_configs(n)]
+        for d, tf_config in zip(data if isinstance(data, list) else [data] * n,
+                                local_tf_configs(n))]
     results = []
     try:
         if sigterm_worker_when:
@@ -403,14 +408,18 @@ def test_a_record_failing_its_checksum_stops_training_with_a_checkpoint_and_the_
     assert tf.train.latest_checkpoint(os.path.join(run, "checkpoints")).endswith(f"ckpt-{step}")
 
 
-def test_a_record_failing_its_checksum_under_several_workers_names_the_shard(data, tmp_path):
-    """Every worker reads every record once an epoch; here all of them meet the damaged one
-    in their first batches."""
+def test_a_record_failing_its_checksum_on_one_worker_stops_every_worker_with_its_reason(data, tmp_path):
+    """Each machine reads its own copy of the data; here worker 1's is damaged. It names the
+    shard (exit 2) and relays that to worker 0, whose collective would otherwise fail a minute
+    later with only 'task 1 stopped sending heartbeats' and a traceback."""
     flipped, name = _damaged_copy(data, tmp_path / "flip", _flip)
-    results = _run_workers(tiny(max_steps=12), flipped, str(tmp_path / "run"), cli=True)
-    for r in results:
-        assert r["rc"] == 2 and f"{name}: corrupted record" in r["output"], r["output"][-3000:]
-        assert "No step is checkpointed yet" in r["output"] and "Traceback" not in r["output"]
+    results = _run_workers(tiny(max_steps=12), [data, flipped], str(tmp_path / "run"), cli=True)
+    outs = [r["output"] for r in results]
+    assert [r["rc"] for r in results] == [1, 2], outs[0][-3000:] + outs[1][-3000:]
+    assert f"{name}: corrupted record" in outs[1] and "No step is checkpointed yet" in outs[1]
+    assert re.search(r"hagan-train: error: worker 0 stopped at step \d+ because worker 1 failed: "
+                     rf"damaged records in '.*flip' at step \d+ .*{name}: corrupted record", outs[0])
+    assert not any("Traceback" in out for out in outs)
 
 
 def test_sigterm_saves_the_running_step_and_exits_143(data, tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 
 from . import import_tensorflow_lean, keep_channels_last_on_gpu, limit_heap_growth
@@ -47,6 +48,43 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
         return True
     return (resolver.task_type == "worker" and resolver.task_id == 0
             and "chief" not in resolver.cluster_spec().as_dict())
+
+
+class WorkerFailed(RuntimeError):
+    """Another worker of a multi-worker run failed; this one cannot go on without it."""
+
+
+def _kept_by_chief(run_dir: str) -> str:
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
+    return f"The last checkpoint is {latest}" if latest else "No step is checkpointed yet"
+
+
+RELAYED = "hagan-train: "
+
+
+def _peer_failure(strategy, step: int, run_dir: str, message: str) -> WorkerFailed:
+    me = f"worker {strategy.cluster_resolver.task_id} stopped at step {step}"
+    if RELAYED in message:  # the other worker's own words, relayed by _tell_the_other_workers
+        return WorkerFailed(f"{me} because {message.split(RELAYED, 1)[1].splitlines()[0]}")
+    reason = re.sub(r"\{\{function_node [^}]*\}\}|Collective ops is aborted by:", "", message)
+    reason = reason.strip().splitlines()[0].strip().rstrip(":") if reason.strip() else "?"
+    return WorkerFailed(f"{me}: another worker failed or was killed ({reason}). "
+                        f"{_kept_by_chief(run_dir)}: see that worker's log, then re-run the same "
+                        "command on every worker to resume")
+
+
+def _tell_the_other_workers(strategy, error: Exception) -> None:
+    """Reports this worker's reason to the cluster's coordination service, which aborts the
+    other workers' collectives with it at once, instead of after its heartbeat timeout
+    (about a minute) with only 'task 1 stopped sending heartbeats'."""
+    from tensorflow.python.eager import context
+
+    task = strategy.cluster_resolver.task_id
+    try:
+        context.context().report_error_to_cluster(tf.errors.ABORTED,
+                                                  f"{RELAYED}worker {task} failed: {error}")
+    except Exception:  # noqa: BLE001 - best effort: the heartbeat timeout still stops them
+        pass
 
 
 def load_config(path_or_preset: str) -> HAGANConfig:
@@ -182,17 +220,25 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
         except tf.errors.DataLossError as e:  # a CRC failure: check_records reads headers only
             step = int(gan.step.numpy())
             if several_workers:  # saving needs every worker, and the others may be leaving too
-                latest = tf.train.latest_checkpoint(os.path.join(run_dir, rundir.CHECKPOINTS))
-                kept = f"The last checkpoint is {latest}" if latest else "No step is checkpointed yet"
+                kept = _kept_by_chief(run_dir)
             else:
                 monitor.on_train_end()
                 checkpointer.on_train_end()  # no update of the failed step ran: its batch never came
                 kept = f"Step {step} is checkpointed"
             print("a record failed its checksum; reading every shard to name it ...", file=sys.stderr)
             where = "; ".join(unreadable_shards(data_dir)) or e.message
-            raise ValueError(f"damaged records in {data_dir!r} at step {step} (re-copy or re-run "
-                             f"hagan-preprocess): {where}. {kept}: re-run the same command to "
-                             "resume") from e
+            error = ValueError(f"damaged records in {data_dir!r} at step {step} (re-copy or re-run "
+                               f"hagan-preprocess): {where}. {kept}: re-run the same command to "
+                               "resume")
+            if several_workers:
+                _tell_the_other_workers(strategy, error)
+            raise error from e
+        except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
+                tf.errors.InternalError) as e:
+            if not several_workers:
+                raise
+            # A worker that failed or was killed aborts every collective: say so, not a traceback.
+            raise _peer_failure(strategy, int(gan.step.numpy()), run_dir, e.message) from e
     step = int(gan.step.numpy())
     if monitor.error and verbose:
         print(f"error: {monitor.error}: {manager.latest_checkpoint}", file=sys.stderr)
@@ -225,6 +271,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"hagan-train: error: {e}", file=sys.stderr)
         return 2
+    except WorkerFailed as e:
+        print(f"hagan-train: error: {e}", file=sys.stderr)
+        return 1
     if result["error"]:
         return 1
     if result.get("chief", True):
