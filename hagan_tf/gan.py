@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from .config import HAGANConfig
 from .layers import SERIAL_PACKAGE, depth_slab
-from .models import Discriminator, Encoder, Generator
+from .models import Discriminator, Encoder, Generator, checked_labels
 from .optimizers import Adam
 
 
@@ -268,6 +268,8 @@ class HAGAN(_Training, keras.Model):
 
     def generate(self, z, labels=None):
         """Full-resolution volumes for latent codes z [B, latent] (and class labels [B])."""
+        if tf.executing_eagerly():  # a traced caller's labels are symbolic: nothing to look at
+            labels = checked_labels(labels, self.config_.num_classes, len(z))
         return self.generator(z, labels=labels)
 
     def encode(self, volume):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
@@ -23,6 +24,25 @@ from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, SNConvLeaky, SNDense,
 
 # G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
 COMMON_CHANNELS = (512, 512, 256, 128, 64)
+
+
+def checked_labels(labels, num_classes: int, n: int) -> np.ndarray | None:
+    """n class labels as int32, or None for an unconditional model. Refuses what one_hot would
+    quietly turn into an all-zero class (a label out of range) or ignore (labels without classes)."""
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError("this model is unconditional (num_classes 0): it takes no labels")
+        return None
+    if labels is None:
+        raise ValueError(f"this model is class-conditional: pass {n} labels in 0..{num_classes - 1}")
+    arr = np.asarray(labels)
+    if arr.shape != (n,) or (arr.size and arr.dtype.kind not in "iu"):
+        raise ValueError(f"labels must be {n} integers (one per sample), got shape "
+                         f"{list(arr.shape)} of {arr.dtype}")
+    bad = sorted({int(x) for x in arr if not 0 <= x < num_classes})
+    if bad:
+        raise ValueError(f"labels must be in 0..{num_classes - 1}, got {bad[:5]}")
+    return arr.astype(np.int32)
 
 
 def _stride2_channels(n: int, last: int) -> list[int]:

@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from .config import HAGANConfig
+from .models import checked_labels
 
 CONFIG_ASSET = os.path.join("assets.extra", "hagan_config.yaml")
 
@@ -28,6 +29,13 @@ def newest_version(model_base: str, name: str = "hagan") -> str:
     return os.path.join(base, str(found[-1]))
 
 
+def _labels(num_classes: int, n: int, labels) -> np.ndarray | None:
+    """Class 0 for every sample when a conditional model is given no labels."""
+    if num_classes and labels is None:
+        labels = np.zeros(n, np.int32)
+    return checked_labels(labels, num_classes, n)
+
+
 class RunModel:
     """A HAGAN restored from a run directory."""
 
@@ -39,9 +47,8 @@ class RunModel:
         self._gen = tf.function(lambda z, l: self.model.generator(z, labels=l), reduce_retracing=True)
 
     def _labels(self, n, labels):
-        if self.config.num_classes == 0:
-            return None
-        return tf.constant(np.zeros(n, np.int32) if labels is None else np.asarray(labels, np.int32))
+        labels = _labels(self.config.num_classes, n, labels)
+        return None if labels is None else tf.constant(labels)
 
     def generate(self, z, labels=None) -> np.ndarray:
         z = np.asarray(z, np.float32)
@@ -74,8 +81,7 @@ class SavedModelSource:
         z = np.asarray(z, np.float32)
         inputs = {"z": z}
         if self.config.num_classes:
-            inputs["label"] = (np.zeros(len(z), np.int32) if labels is None
-                               else np.asarray(labels, np.int32))
+            inputs["label"] = _labels(self.config.num_classes, len(z), labels)
         return inputs
 
     def generate(self, z, labels=None) -> np.ndarray:

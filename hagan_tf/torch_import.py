@@ -218,6 +218,9 @@ def load_state_dicts(model, state_dicts: dict[str, dict], sources: dict[str, str
                 variable.assign(np.ascontiguousarray(convert(state[key]), dtype=variable.dtype))
 
 
+PUBLISHED_LATENT = 1024  # the paper's z, in every released model
+
+
 def config_for(size: int, generator_state: dict, num_classes: int = 0) -> HAGANConfig:
     """The paper preset for `size`, with the latent size read off fc1 (its input is latent + classes)."""
     if size not in SIZES:
@@ -310,6 +313,12 @@ def main(argv=None):
           f"{args.num_classes} classes, step {step})")
     if left:
         print(f"note: no {' / '.join(left)} given: those networks keep a random initialisation")
+    latent = model.config_.latent_dim
+    if args.discriminator is None and args.sub_encoder is None and (latent, args.num_classes) != (
+            PUBLISHED_LATENT, 0):  # only D and E^G have a layer sized by the class count
+        print(f"note: the generator alone cannot confirm --num-classes: its fc1 takes "
+              f"{latent + args.num_classes} inputs, read as latent {latent} + "
+              f"{args.num_classes} classes (the published models: latent {PUBLISHED_LATENT})")
     return 0
 
 

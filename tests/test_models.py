@@ -75,10 +75,19 @@ def test_shapes_every_mode(size, classes, batch):
     assert gan.encode(full).shape == (batch, cfg.latent_dim)
 
 
-def test_conditional_generator_requires_labels():
+def test_generate_refuses_labels_that_one_hot_would_quietly_zero_or_ignore():
     gan = HAGAN(small(32, classes=2))
-    with pytest.raises(ValueError, match="labels"):
-        gan.generate(gan.sample_z(1))
+    z = gan.sample_z(2)
+    with pytest.raises(ValueError, match="class-conditional: pass 2 labels in 0..1"):
+        gan.generate(z)
+    for bad, message in (([0, 2], r"in 0..1, got \[2\]"), ([-1, 0], r"got \[-1\]"),
+                         ([0], "2 integers"), ([0.5, 1.0], "integers")):
+        with pytest.raises(ValueError, match=message):
+            gan.generate(z, labels=bad)
+    assert gan.generate(z, labels=[1, 0]).shape == (2, 32, 32, 32, 1)
+    plain = HAGAN(small(32))
+    with pytest.raises(ValueError, match="unconditional"):
+        plain.generate(plain.sample_z(1), labels=[0])
 
 
 @pytest.mark.parametrize("crop", [0, 12, 28])

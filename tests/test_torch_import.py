@@ -232,6 +232,11 @@ def test_cli_names_the_keys_when_num_classes_is_forgotten(conditional_256, capsy
     assert "sub_D.conv5.weight [4, 256, 4, 4, 4] (expected [1, 256, 4, 4, 4])" in err
     assert conditional_256["paths"]["discriminator"] in err and "--num-classes 0" in err
     assert not run.exists()  # nothing written
+    # The generator alone has no layer sized by the class count: the import says how it read fc1.
+    gen_only = ["--generator", conditional_256["paths"]["generator"]]
+    assert T.main(["--size", "256", "--out", str(run)] + gen_only) == 0
+    assert ("its fc1 takes 67 inputs, read as latent 67 + 0 classes (the published models: "
+            "latent 1024)") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("defect, key", [

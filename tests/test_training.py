@@ -288,6 +288,14 @@ def test_resume_refuses_a_different_model(data, tmp_path):
         train(tiny(max_steps=2).replace(latent_dim=32), data, run, progress=False)
 
 
+def test_a_conditional_config_refuses_records_without_a_label_it_knows(data, tmp_path):
+    """one_hot would train a zero class for them (and the class loss fails or is NaN)."""
+    with pytest.raises(ValueError, match=r"num_classes is 1 but 4 training record\(s\) .* no label "
+                                         r"in 0..0 .*--set num_classes=0"):
+        train(tiny(num_classes=1), data, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_cli_writes_checkpoints_tensorboard_and_config(data, tmp_path, capsys):
     run = str(tmp_path / "run")
     rc = train_main(["--config", "tiny_32", "--data", data, "--out", run, "--max-steps", "3",

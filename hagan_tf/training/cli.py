@@ -116,6 +116,15 @@ def describe_training_set(data_dir: str, config: HAGANConfig) -> str:
     if not rows:
         return f"the records in {data_dir} (no manifest to count them)"
     volumes = count_rows(rows, exclude_folds=[config.fold] if config.fold is not None else None)
+    if config.num_classes:  # one_hot makes a zero class of -1 (unlabelled) and of K or more
+        bad = [r for r in rows if not 0 <= r.get("label", -1) < config.num_classes
+               and (config.fold is None or r.get("fold", -1) != config.fold)]
+        if bad:
+            raise ValueError(
+                f"num_classes is {config.num_classes} but {len(bad)} training record(s) in "
+                f"{data_dir!r} have no label in 0..{config.num_classes - 1} (e.g. "
+                f"{bad[0].get('subject_id')!r}: {bad[0].get('label', -1)}; -1 = unlabelled): "
+                "re-run hagan-preprocess with --labels, or --set num_classes=0")
     if volumes == 0:
         raise ValueError(f"no records in {data_dir!r} are outside the held-out fold {config.fold}")
     if volumes == len(rows) and config.fold is not None:
