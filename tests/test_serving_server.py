@@ -450,3 +450,33 @@ def test_rest_reads_and_parses_at_most_max_concurrent_bodies_at_once():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_batch_runs_in_groups_of_at_most_run_voxels_with_the_same_answer(served):
+    """16 volumes at 256^3 in one execution would need ~16x the memory of one."""
+    from hagan_tf.serving.server import ModelRegistry, Predictor
+
+    gan, base, _, _ = served
+    registry = ModelRegistry(base)
+    registry.refresh()
+    servable = registry.get("hagan")
+    calls = []
+    for name in ("generate", "encode"):
+        def spy(_f=servable.functions[name], **inputs):
+            calls.append(len(next(iter(inputs.values()))))
+            return _f(**inputs)
+        spy.structured_outputs = servable.functions[name].structured_outputs
+        servable.functions[name] = spy
+    assert servable.sample_voxels["generate"] == 32**3 and servable.sample_voxels["config"] is None
+    z = gan.sample_z(5, seed=3)
+    whole = Predictor(registry, max_batch=8).predict(servable, "generate", {"z": z})["volume"]
+    assert calls == [5]
+    grouped = Predictor(registry, max_batch=8, run_voxels=2 * 32**3 + 1)
+    np.testing.assert_allclose(grouped.predict(servable, "generate", {"z": z})["volume"], whole,
+                               atol=1e-5)  # the kernels may sum in another order per batch size
+    assert calls[1:] == [2, 2, 1]
+    codes = grouped.predict(servable, "encode", {"volume": whole})["z"]
+    assert calls[4:] == [2, 2, 1] and codes.shape == (5, 16)
+    np.testing.assert_allclose(codes, gan.encode(whole).numpy(), atol=1e-5)
+    assert grouped.predict(servable, "generate", {"z": z[:0]})["volume"].shape == (0, 32, 32, 32, 1)
+    assert b"size: 32" in grouped.predict(servable, "config", {"format": np.array(b"yaml")})["config"].item()

@@ -36,6 +36,7 @@ from .export import versions
 log = logging.getLogger("hagan_tf.serving")
 
 MAX_REST_BYTES = 256 << 20  # a 256^3 float32 volume is ~200 MB of JSON; parsing holds ~7x
+RUN_VOXELS = 2 * 256**3  # samples per execution: 2 at 256^3 (~2 GB each on CPU), 16 at 128^3
 
 DEFAULT_SIGNATURE = "serving_default"
 _GRPC_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
@@ -63,6 +64,17 @@ class Servable:
         self.signature_defs = get_model_metadata_pb2.SignatureDefMap()
         for k, v in proto.meta_graphs[0].signature_def.items():
             self.signature_defs.signature_def[k].CopyFrom(v)
+        self.sample_voxels = {k: _sample_voxels(f) for k, f in self.functions.items()}
+
+
+def _sample_voxels(function) -> int | None:
+    """The largest input or output of one sample (its elements), which sizes an execution;
+    None when an output has no batch dimension, so that a batch cannot run in groups."""
+    outputs = tf.nest.flatten(function.structured_outputs)
+    if not all(s.shape.rank for s in outputs):
+        return None
+    specs = list(function.structured_input_signature[1].values()) + outputs
+    return max(int(np.prod([d or 1 for d in s.shape[1:]])) for s in specs if s.shape.rank)
 
 
 def _stamp(path: str) -> tuple:
@@ -166,9 +178,10 @@ class ModelRegistry:
 class Predictor:
     """Protocol-independent request handling: look up, validate, run, map errors."""
 
-    def __init__(self, registry: ModelRegistry, max_batch: int = 16, max_concurrent: int = 4):
+    def __init__(self, registry: ModelRegistry, max_batch: int = 16, max_concurrent: int = 4,
+                 run_voxels: int = RUN_VOXELS):
         self.registry = registry
-        self.max_batch = max_batch
+        self.max_batch, self.run_voxels = max_batch, run_voxels
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
     def signature(self, servable: Servable, name: str) -> str:
@@ -213,14 +226,28 @@ class Predictor:
         unknown = sorted(set(output_filter) - set(outputs))
         if unknown:
             raise ServingError("INVALID_ARGUMENT", f"output_filter names unknown outputs {unknown}")
+        keep = set(output_filter) or set(outputs)
+        # A batch runs in groups of at most run_voxels: 16 volumes at 256^3 in one execution
+        # would need ~16x the memory of one, for the same answer.
+        batches = {len(v) for k, v in inputs.items() if specs[k].shape.rank}
+        n = max(batches, default=0)
+        voxels = servable.sample_voxels[signature]
+        group = max(1, self.run_voxels // voxels) if voxels else max(n, 1)
+        if len(batches) > 1:  # the signature says what is wrong with unequal batches
+            group = max(n, 1)
+        runs = []
         with self._slots:
-            try:
-                result = servable.functions[signature](
-                    **{k: tf.constant(v, dtype=specs[k].dtype) for k, v in inputs.items()})
-            except tf.errors.OpError as e:
-                raise ServingError(_GRPC_CODE_NAMES.get(e.error_code, "UNKNOWN"), _tf_message(e))
-        keep = set(output_filter) or set(result)
-        return {k: np.asarray(v.numpy()) for k, v in result.items() if k in keep}
+            for i in range(0, max(n, 1), group):
+                try:
+                    result = servable.functions[signature](**{
+                        k: tf.constant(v[i:i + group] if specs[k].shape.rank else v,
+                                       dtype=specs[k].dtype) for k, v in inputs.items()})
+                except tf.errors.OpError as e:
+                    raise ServingError(_GRPC_CODE_NAMES.get(e.error_code, "UNKNOWN"), _tf_message(e))
+                runs.append({k: np.asarray(v.numpy()) for k, v in result.items() if k in keep})
+        if len(runs) == 1:
+            return runs[0]
+        return {k: np.concatenate([r[k] for r in runs]) for k in runs[0]}
 
     def metadata(self, servable: Servable,
                  fields) -> get_model_metadata_pb2.GetModelMetadataResponse:
@@ -535,11 +562,11 @@ class Server:
                  rest_port: int | None = 8501, poll_seconds: float = 5.0,
                  max_request_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 16,
                  max_concurrent: int = 4, grpc_threads: int = 16,
-                 max_rest_bytes: int = MAX_REST_BYTES):
+                 max_rest_bytes: int = MAX_REST_BYTES, run_voxels: int = RUN_VOXELS):
         if not os.path.isdir(model_base):
             raise FileNotFoundError(f"model base {model_base!r} is not a directory")
         self.registry = ModelRegistry(model_base)
-        self.predictor = Predictor(self.registry, max_batch, max_concurrent)
+        self.predictor = Predictor(self.registry, max_batch, max_concurrent, run_voxels)
         self.host, self.poll_seconds = host, poll_seconds
         self._stop = threading.Event()
         self._started = False
@@ -626,6 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "parsing JSON takes several times the body)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="largest batch one request may ask for (default: %(default)s)")
+    p.add_argument("--run-voxels", type=int, default=RUN_VOXELS,
+                   help="a request's samples run in groups of at most this many voxels (default: "
+                        "2 x 256^3, i.e. 2 volumes at 256^3 and 16 at 128^3): bounds the memory "
+                        "of one execution")
     p.add_argument("--max-concurrent", type=int, default=4,
                    help="model executions at once; more requests wait (default: %(default)s)")
     p.add_argument("--grpc-max-threads", type=int, default=16,
@@ -641,7 +672,7 @@ def main(argv=None) -> int:
         if not 0 <= getattr(args, flag) <= 65535:
             parser.error(f"--{flag.replace('_', '-')} must be in 0..65535")
     for flag in ("max_request_bytes", "max_rest_bytes", "max_batch", "max_concurrent",
-                 "grpc_max_threads"):
+                 "grpc_max_threads", "run_voxels"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.poll_seconds <= 0:
@@ -654,7 +685,7 @@ def main(argv=None) -> int:
         server = Server(args.model_base, args.host, args.port,
                         None if args.no_rest else args.rest_port, args.poll_seconds,
                         args.max_request_bytes, args.max_batch, args.max_concurrent,
-                        args.grpc_max_threads, args.max_rest_bytes)
+                        args.grpc_max_threads, args.max_rest_bytes, args.run_voxels)
     except OSError as e:
         print(f"hagan-serve: {e}", file=sys.stderr)
         return 1
