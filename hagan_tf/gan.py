@@ -9,7 +9,7 @@ import tensorflow as tf
 from .config import HAGANConfig
 from .layers import SERIAL_PACKAGE, depth_slab
 from .models import Discriminator, Encoder, Generator, checked_labels
-from .optimizers import Adam
+from .optimizers import Adam, LossScaleOptimizer
 
 
 # ----------------------------------------------------------------------------------------
@@ -57,7 +57,7 @@ class _Training:
                 eh_optimizer or adam(cfg.lr_eh), eg_optimizer or adam(cfg.lr_eg)]
         if cfg.mixed_precision == "mixed_float16":
             opts = [o if isinstance(o, keras.optimizers.LossScaleOptimizer)
-                    else keras.optimizers.LossScaleOptimizer(o) for o in opts]
+                    else LossScaleOptimizer(o) for o in opts]
         self.g_optimizer, self.d_optimizer, self.eh_optimizer, self.eg_optimizer = opts
         if jit_compile is None:
             jit_compile = cfg.jit_compile

@@ -56,3 +56,30 @@ class Adam(keras.optimizers.Adam):
         # one temporary of the variable's size at a time (TF updates the others in place)
         self.assign_sub(variable, ops.multiply(
             ops.divide(gradient, ops.add(ops.sqrt(v), self.epsilon)), alpha))
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+    """Keras's dynamic loss scaling (mixed_float16), with two fixes for HA-GAN's trainer.
+
+    - Replicas skip together. Keras 3 tests each replica's own gradients before the inner
+      optimizer sums them: when one GPU overflows and another does not, the summed Inf is
+      applied and the weights become NaN. Here the replicas agree on one flag first.
+    - A skipped step still counts (Keras 2 did this; Keras 3 does not): the D optimizer's
+      counter is the trainer's step, which draws r and z, places the input after a resume and
+      numbers checkpoints. Without it a run of skipped steps would repeat one r and z and
+      fall behind the batches it has read.
+    """
+
+    def check_finite(self, grads):
+        finite = super().check_finite(grads)
+        import tensorflow as tf
+
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return finite
+        return ctx.all_reduce("SUM", ops.cast(ops.logical_not(finite), "float32")) == 0
+
+    def _stateful_handle_non_finite_grads(self):
+        super()._stateful_handle_non_finite_grads()
+        self.inner_optimizer.iterations.assign_add(1)

@@ -486,6 +486,49 @@ def test_mixed_precision_step_is_finite(data, policy):
         keras.mixed_precision.set_global_policy("float32")
 
 
+def test_loss_scaling_skips_on_every_replica_together_and_a_skipped_step_counts(data):
+    """Keras 3 decides per replica, before the gradients are summed: one GPU's overflow made
+    the summed Inf reach the weights. And its skipped step did not advance the counter that
+    is the trainer's step (r, z, the input's place on resume)."""
+    from hagan_tf.optimizers import Adam, LossScaleOptimizer
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    strategy = tf.distribute.MirroredStrategy(devices)
+    with strategy.scope():
+        v = tf.Variable([1.0, 1.0])
+        opt = LossScaleOptimizer(Adam(1e-2, beta_1=0.0), initial_scale=8.0)
+        opt.build([v])
+
+    @tf.function
+    def step(overflow_on_replica_1):
+        def fn():
+            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+            bad = tf.logical_and(overflow_on_replica_1, tf.equal(rid, 1))
+            opt.apply([tf.where(bad, tf.constant([np.inf, 8.0]), tf.constant([8.0, 8.0]))], [v])
+        strategy.run(fn)
+
+    step(tf.constant(True))
+    assert [x.numpy().tolist() for x in strategy.experimental_local_results(v)] == [[1.0, 1.0]] * 2
+    assert int(opt.iterations.numpy()) == 1 and float(opt.dynamic_scale.numpy()) == 4.0
+    step(tf.constant(False))
+    values = [x.numpy() for x in strategy.experimental_local_results(v)]
+    assert np.array_equal(values[0], values[1]) and np.all(values[0] < 1.0)
+    assert int(opt.iterations.numpy()) == 2
+
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:  # an overflowing scale, as at the start of a run: every step skips D's update
+        gan = HAGAN(tiny(mixed_precision="mixed_float16"))
+        gan.compile(d_optimizer=LossScaleOptimizer(Adam(4e-4, beta_1=0.0), initial_scale=2.0**60))
+        ds = make_dataset(data, 2, size=32).map(lambda r: r["volume"])
+        gan.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)
+        assert float(gan.d_optimizer.dynamic_scale.numpy()) < 2.0**60  # it did skip
+        assert int(gan.step.numpy()) == 3
+        assert [int(o.iterations.numpy()) for o in (gan.g_optimizer, gan.d_optimizer,
+                                                    gan.eh_optimizer, gan.eg_optimizer)] == [3] * 4
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def test_adam_without_first_moment_slot_matches_keras_adam():
     from hagan_tf.optimizers import Adam
 
