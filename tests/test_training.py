@@ -286,6 +286,13 @@ def test_resume_refuses_a_different_model(data, tmp_path):
     train(tiny(max_steps=1), data, run, tf.distribute.get_strategy(), progress=False)
     with pytest.raises(ValueError, match="latent_dim"):
         train(tiny(max_steps=2).replace(latent_dim=32), data, run, progress=False)
+    # A run that failed before its first checkpoint holds nothing to resume: any config goes.
+    early = str(tmp_path / "early")
+    from hagan_tf.run import write_config
+
+    write_config(early, tiny(latent_dim=32))
+    assert train(tiny(max_steps=1), data, early, tf.distribute.get_strategy(),
+                 progress=False)["step"] == 1
 
 
 def test_a_conditional_config_refuses_records_without_a_label_it_knows(data, tmp_path):
@@ -314,6 +321,23 @@ def test_cli_writes_checkpoints_tensorboard_and_config(data, tmp_path, capsys):
                 "time/step_seconds", "real/axial", "fake_slab/coronal", "fake_volume/sagittal",
                 "reconstruction/axial"):
         assert tag in tags, tag
+
+
+def test_images_above_128_show_the_slab_reconstruction_instead_of_whole_volumes(tmp_path):
+    from hagan_tf.training.callbacks import Monitor
+
+    gan = HAGAN(tiny(size=256, latent_dim=8, width=0.0625))
+    real = tf.random.uniform((1, 256, 256, 256, 1), -1, 1)
+    monitor = Monitor(str(tmp_path), 1, 1, 1, sample_batch={"volume": real}, progress=False)
+    monitor.set_model(gan)
+    monitor.write_images(1)
+    monitor.writer.flush()
+    tags = set()
+    for name in os.listdir(tmp_path):
+        for e in tf.compat.v1.train.summary_iterator(os.path.join(tmp_path, name)):
+            tags |= {v.tag for v in e.summary.value}
+    assert {"real/axial", "fake_slab/axial", "real_slab/sagittal",
+            "reconstruction_slab/coronal"} <= tags and not any("volume" in t for t in tags)
 
 
 def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
@@ -467,6 +491,41 @@ def test_nan_loss_stops_with_its_name_and_step_and_keeps_last_checkpoint(data, t
     assert result["error"] and "at step 3" in result["error"]
     assert result["error"].split()[1] in {"d_loss", "d_real", "d_fake", "g_loss", "eh_loss", "eg_loss"}
     assert result["checkpoint"].endswith("ckpt-2")
+    logged = {}  # the failed step is on the curves
+    for name in os.listdir(os.path.join(run, "tensorboard")):
+        for e in tf.compat.v1.train.summary_iterator(os.path.join(run, "tensorboard", name)):
+            for v in e.summary.value:
+                logged.setdefault(e.step, {})[v.tag] = tf.make_ndarray(v.tensor)
+    assert not np.isfinite(logged[3][f"loss/{result['error'].split()[1]}"])
+    # The remedy the message names: resume from the last good checkpoint with other rates.
+    capsys.readouterr()
+    resumed = train(cfg.replace(max_steps=3, lr_d=1e-5, seed=7), data, run,
+                    tf.distribute.get_strategy(), progress=False)
+    assert resumed["step"] == 3 and resumed["error"] is None
+    assert "resuming with lr_d 0.0004 -> 1e-05, seed 0 -> 7" in capsys.readouterr().err
+    assert float(resumed["model"].d_optimizer.learning_rate.numpy()) == pytest.approx(1e-5)
+
+
+def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path):
+    """The losses are computed before the step's last update (E^G): they can be finite while
+    the weights that would be saved are not."""
+    from hagan_tf.training.callbacks import Checkpointer, Monitor
+
+    gan = HAGAN(tiny())
+    gan.compile()
+    ckpt = tf.train.Checkpoint(model=gan)
+    manager = tf.train.CheckpointManager(ckpt, str(tmp_path), max_to_keep=2)
+    monitor = Monitor(None, 10, 1, 100, progress=False)
+    saver = Checkpointer(manager, tf.Variable(0, dtype=tf.int64), 1, guard=monitor)
+    saver.set_model(gan)
+    saver.save()
+    assert manager.latest_checkpoint.endswith("ckpt-0")
+    w = gan.encoder.ground.trainable_variables[0]
+    w.assign(tf.fill(w.shape, np.inf))
+    gan.d_optimizer.iterations.assign(1)
+    saver.save()
+    assert manager.latest_checkpoint.endswith("ckpt-0") and gan.stop_training
+    assert monitor.error.startswith("weights became non-finite at step 1; training stopped")
 
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])

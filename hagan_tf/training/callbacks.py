@@ -38,6 +38,13 @@ class Checkpointer(keras.callbacks.Callback):
         step = int(self.model.step.numpy())
         if self.last_saved == step or (self.guard is not None and self.guard.error):
             return
+        if not bool(tf.reduce_all([tf.reduce_all(tf.math.is_finite(v)) for v in self.model.weights])):
+            # The losses were finite, but they are computed before the step's last update (E^G)
+            self.model.stop_training = True
+            if self.guard is not None:
+                self.guard.error = (f"weights became non-finite at step {step}; "
+                                    f"{self.guard.REMEDY}")
+            return
         self.step_var.assign(step)
         self.manager.save(checkpoint_number=step)
         self.last_saved = step
@@ -62,6 +69,10 @@ class Monitor(keras.callbacks.Callback):
     the replicas' mean, so every worker stops at the same step.
     """
 
+    REMEDY = ("training stopped, the last good checkpoint is kept. The same command resumes "
+              "from it; to go on differently, add e.g. --set lr_d=0.0001 (any lr_*, beta_2, "
+              "lambda_class or seed may change on resume)")
+
     def __init__(self, log_dir: str | None, total_steps: int, log_every: int, image_every: int,
                  sample_batch=None, progress: bool = True):
         super().__init__()
@@ -85,24 +96,30 @@ class Monitor(keras.callbacks.Callback):
         values = {k: float(np.asarray(v)) for k, v in logs.items()}
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
-            self.error = (f"loss {bad[0]} became {values[bad[0]]} at step {step}; "
-                          "training stopped, the last good checkpoint is kept")
+            self.error = f"loss {bad[0]} became {values[bad[0]]} at step {step}; {self.REMEDY}"
             self.model.stop_training = True
+            if self.writer is not None:  # the curves end on the step that failed, not before it
+                self.write_scalars(step, values)
             return
         self.bar.update(1)
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in values.items() if k.endswith("loss")})
         if self.writer is None:
             return
         if step % self.log_every == 0 or step == 1:
-            with self.writer.as_default(step=step):
-                for k, v in values.items():
-                    tf.summary.scalar(f"loss/{k}" if "loss" in k else f"metric/{k}", v)
-                for name in ("g", "d", "eh", "eg"):
-                    opt = getattr(self.model, f"{name}_optimizer")
-                    tf.summary.scalar(f"learning_rate/{name}", float(np.asarray(keras.ops.convert_to_numpy(opt.learning_rate))))
-                tf.summary.scalar("time/step_seconds", step_time)
+            self.write_scalars(step, values, step_time)
         if self.sample_batch is not None and (step % self.image_every == 0 or step == 1):
             self.write_images(step)
+
+    def write_scalars(self, step, values, step_time=None):
+        with self.writer.as_default(step=step):
+            for k, v in values.items():
+                tf.summary.scalar(f"loss/{k}" if "loss" in k else f"metric/{k}", v)
+            if step_time is None:
+                return
+            for name in ("g", "d", "eh", "eg"):
+                opt = getattr(self.model, f"{name}_optimizer")
+                tf.summary.scalar(f"learning_rate/{name}", float(np.asarray(keras.ops.convert_to_numpy(opt.learning_rate))))
+            tf.summary.scalar("time/step_seconds", step_time)
 
     def write_images(self, step):
         """Mid axial/coronal/sagittal slices of real, fake slab, fake volume, reconstruction."""
@@ -119,6 +136,11 @@ class Monitor(keras.callbacks.Callback):
         if cfg.size <= 128:
             images["fake_volume"] = gan.generator(z, labels=labels)
             images["reconstruction"] = gan.generator(gan.encoder(real), labels=labels)
+        else:  # a whole volume costs a full generate; E^H's slab reconstruction costs a slab
+            crop = cfg.max_crop // 2 // 4 * 4
+            images["real_slab"] = gan.real_slab(real, tf.constant(crop))
+            images["reconstruction_slab"] = gan.generator.decode(
+                gan.encoder.high_res(images["real_slab"]))
         with self.writer.as_default(step=step):
             for name, vol in images.items():
                 sl = mid_slices(np.asarray(vol[0]))

@@ -24,6 +24,8 @@ from .callbacks import Checkpointer, Monitor, Profiler, StopOnSignal  # noqa: E4
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
 RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every"}
+# ... and the remedies for a run that diverged (a NaN stop), which change how it goes on.
+TUNABLE = {"lr_g", "lr_d", "lr_eh", "lr_eg", "beta_2", "lambda_class", "seed"}
 
 
 def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
@@ -98,15 +100,21 @@ def load_config(path_or_preset: str) -> HAGANConfig:
 
 
 def check_resume(run_dir: str, config: HAGANConfig) -> None:
-    if not tf.io.gfile.exists(rundir.config_path(run_dir)):
+    """A run resumes with the settings it has, bar RESUMABLE and TUNABLE ones. A directory
+    without a checkpoint (a run that failed before its first) takes any config."""
+    if not tf.io.gfile.exists(rundir.config_path(run_dir)) or not tf.train.latest_checkpoint(
+            os.path.join(run_dir, rundir.CHECKPOINTS)):
         return
     saved = rundir.read_config(run_dir).to_dict()
-    diff = {k: (saved[k], v) for k, v in config.to_dict().items()
-            if k not in RESUMABLE and saved.get(k) != v}
+    changed = {k: (saved.get(k), v) for k, v in config.to_dict().items() if saved.get(k) != v}
+    diff = {k: d for k, d in changed.items() if k not in RESUMABLE | TUNABLE}
     if diff:
         lines = ", ".join(f"{k}: {a!r} in the run vs {b!r} now" for k, (a, b) in diff.items())
         raise ValueError(f"{run_dir} holds a run with a different config ({lines}); "
                          "use another --out, or the same settings to resume")
+    tuned = [f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items() if k in TUNABLE]
+    if tuned:
+        print(f"hagan-train: resuming with {', '.join(tuned)}", file=sys.stderr)
 
 
 def describe_training_set(data_dir: str, config: HAGANConfig) -> str:
@@ -200,6 +208,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
         saver = rundir.checkpoint_manager(scratch, ckpt, keep=1) if scratch else manager
         if manager.latest_checkpoint:
             ckpt.restore(manager.latest_checkpoint).expect_partial()
+            for name in ("g", "d", "eh", "eg"):  # the checkpoint holds the rates it ran with
+                getattr(gan, f"{name}_optimizer").learning_rate = getattr(config, f"lr_{name}")
             if verbose and chief:
                 print(f"resuming from {manager.latest_checkpoint} (step {int(gan.step.numpy())})")
     start = int(gan.step.numpy())
