@@ -52,6 +52,8 @@ class HAGANConfig:
             raise ValueError(f"beta_1 and beta_2 must be in [0, 1), got {self.beta_1}, {self.beta_2}")
         if self.lambda_class < 0 or (self.fold is not None and self.fold < 0):
             raise ValueError("lambda_class and fold must be >= 0")
+        if not 0 <= self.seed < 2**32:  # keras.utils.set_random_seed takes no other
+            raise ValueError(f"seed must be in 0..2**32-1, got {self.seed}")
         if self.size < 32 or self.size > 512 or 2 ** int(round(math.log2(self.size))) != self.size:
             raise ValueError(f"size must be a power of two from 32 to 512, got {self.size}")
         if self.latent_dim < 1 or self.num_classes < 0 or self.width <= 0:
@@ -93,6 +95,8 @@ class HAGANConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HAGANConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is a mapping of keys to values, got {type(d).__name__} {d!r:.80}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -102,7 +106,11 @@ class HAGANConfig:
     @classmethod
     def from_yaml(cls, path: str) -> "HAGANConfig":
         with _open(path, "r") as f:
-            return cls.from_dict(yaml.safe_load(f) or {})
+            try:
+                d = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
+        return cls.from_dict({} if d is None else d)
 
     def to_yaml(self, path: str) -> None:
         with _open(path, "w") as f:
@@ -118,7 +126,10 @@ class HAGANConfig:
             if "=" not in item:
                 raise ValueError(f"--set expects key=value, got {item!r}")
             k, v = item.split("=", 1)
-            out[k.strip()] = yaml.safe_load(v)
+            try:
+                out[k.strip()] = yaml.safe_load(v)
+            except yaml.YAMLError:
+                out[k.strip()] = v  # then the field's own check says what it must be
         return self.replace(**out)
 
 
@@ -157,5 +168,5 @@ def _coerce(name: str, annotation: str, value: Any) -> Any:
     if kind == "int":
         if not number.is_integer():
             raise ValueError(f"{name} must be an integer, got {value!r}")
-        return int(number)
+        return value if isinstance(value, int) else int(number)  # float() rounds beyond 2**53
     return number

@@ -64,7 +64,20 @@ def test_overrides_are_parsed_to_the_fields_types():
     ("jit_compile=maybe", "jit_compile must be true or false"),  # a string would be truthy
     ("downsample=3", "downsample must be a string"),
     ("log_every=0", "log_every must be > 0"),
+    ("width=[1", "width must be a number, got '\\[1'"),  # not YAML: the field says what it wants
+    ("seed=-1", "seed must be in 0..2\\*\\*32-1"),
+    ("seed=9223372036854775807", "seed must be in 0..2\\*\\*32-1, got 9223372036854775807$"),
 ])
 def test_overrides_of_the_wrong_type_are_clear_errors(item, message):
     with pytest.raises(ValueError, match=message):
         HAGANConfig(size=32).with_overrides([item])
+
+
+def test_config_files_that_are_not_a_mapping_of_keys_are_clear_errors(tmp_path):
+    (tmp_path / "broken.yaml").write_text("size: [32\n")
+    with pytest.raises(ValueError, match=r"broken.yaml is not valid YAML: .*line 2"):
+        HAGANConfig.from_yaml(tmp_path / "broken.yaml")
+    (tmp_path / "text.yaml").write_text("size\n")  # it read as "unknown keys: e, i, s, z"
+    with pytest.raises(ValueError, match="a config is a mapping of keys to values, got str 'size'"):
+        HAGANConfig.from_yaml(tmp_path / "text.yaml")
+    assert HAGANConfig.from_dict({"seed": 2**32 - 1}).seed == 2**32 - 1  # no float rounding

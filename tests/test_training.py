@@ -350,7 +350,15 @@ def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
     rc = train_main(["--config", "tiny_32", "--set", "fold=0", "--data", one_fold,
                      "--out", str(tmp_path / "r")])  # else every epoch would be empty, forever
     assert rc == 2 and "no records in" in capsys.readouterr().err
+    os.remove(os.path.join(one_fold, "manifest.jsonl"))  # the same without a manifest to count
+    rc = train_main(["--config", "tiny_32", "--set", "fold=0", "--data", one_fold,
+                     "--out", str(tmp_path / "r")])
+    assert rc == 2 and "are outside the held-out fold 0" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "r")
+    (tmp_path / "a_file").write_text("")
+    rc = train_main(["--config", "tiny_32", "--data", data, "--out", str(tmp_path / "a_file" / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot write the run directory" in err and "Traceback" not in err
 
 
 def test_empty_shards_are_passed_over_and_a_dataset_of_none_says_why(data, tmp_path):

@@ -86,14 +86,16 @@ class Monitor(keras.callbacks.Callback):
         start = int(self.model.step.numpy())
         self.bar = tqdm(total=self.total, initial=start, unit="it", disable=not self.progress,
                         dynamic_ncols=True, desc="train")
-        self.t_last = time.perf_counter()
+        self.step_times = []  # since the last log: their mean is logged, not one noisy sample
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.t_begin = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
         logs = logs or {}
         step = int(self.model.step.numpy())
-        now = time.perf_counter()
-        step_time, self.t_last = now - self.t_last, now
-        values = {k: float(np.asarray(v)) for k, v in logs.items()}
+        values = {k: float(np.asarray(v)) for k, v in logs.items()}  # waits for the step
+        self.step_times.append(time.perf_counter() - self.t_begin)  # not images or checkpoints
         bad = [k for k, v in values.items() if not math.isfinite(v)]
         if bad:
             self.error = f"loss {bad[0]} became {values[bad[0]]} at step {step}; {self.REMEDY}"
@@ -106,7 +108,8 @@ class Monitor(keras.callbacks.Callback):
         if self.writer is None:
             return
         if step % self.log_every == 0 or step == 1:
-            self.write_scalars(step, values, step_time)
+            self.write_scalars(step, values, float(np.mean(self.step_times)))
+            self.step_times = []
         if self.sample_batch is not None and (step % self.image_every == 0 or step == 1):
             self.write_images(step)
 

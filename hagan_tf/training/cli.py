@@ -18,7 +18,7 @@ import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
-from ..data.pipeline import check_records, count_rows, make_dataset  # noqa: E402
+from ..data.pipeline import check_records, count_examples, count_rows, make_dataset  # noqa: E402
 from ..data.records import first_record, read_manifest, unreadable_shards  # noqa: E402
 from .callbacks import Checkpointer, Monitor, Profiler, StopOnSignal  # noqa: E402
 
@@ -122,6 +122,8 @@ def describe_training_set(data_dir: str, config: HAGANConfig) -> str:
     byte), refusing a fold selection that leaves none: the endless epochs would never yield."""
     rows = read_manifest(data_dir)
     if not rows:
+        if config.fold is not None and count_examples(data_dir, exclude_folds=[config.fold]) == 0:
+            raise ValueError(f"no records in {data_dir!r} are outside the held-out fold {config.fold}")
         return f"the records in {data_dir} (no manifest to count them)"
     volumes = count_rows(rows, exclude_folds=[config.fold] if config.fold is not None else None)
     if config.num_classes:  # one_hot makes a zero class of -1 (unlabelled) and of K or more
@@ -189,7 +191,11 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     training_set = describe_training_set(data_dir, config)
     chief = is_chief(strategy)
     if chief:
-        rundir.write_config(run_dir, config)
+        try:
+            rundir.write_config(run_dir, config)
+        except (OSError, tf.errors.OpError) as e:  # a path under a file, no permission, ...
+            raise ValueError(f"cannot write the run directory {run_dir!r}: "
+                             f"{getattr(e, 'message', None) or e}") from None
     keras.mixed_precision.set_global_policy(config.mixed_precision)
     keras.utils.set_random_seed(config.seed)  # same initial weights on every (re)start
     from ..gan import HAGAN
