@@ -69,9 +69,10 @@ class Monitor(keras.callbacks.Callback):
     the replicas' mean, so every worker stops at the same step.
     """
 
-    REMEDY = ("training stopped, the last good checkpoint is kept. The same command resumes "
-              "from it; to go on differently, add e.g. --set lr_d=0.0001 (any lr_*, beta_2, "
-              "lambda_class or seed may change on resume)")
+    REMEDY = ("training stopped, the last good checkpoint is kept. The same command would "
+              "repeat the same steps from it (r, z and the input order follow the seed and the "
+              "step): resume with e.g. --set lr_d=0.0001 or --set seed=1 (lr_*, beta_2, "
+              "lambda_class and seed may change on resume)")
 
     def __init__(self, log_dir: str | None, total_steps: int, log_every: int, image_every: int,
                  sample_batch=None, progress: bool = True):

@@ -266,7 +266,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
             raise _peer_failure(strategy, int(gan.step.numpy()), run_dir, e.message) from e
     step = int(gan.step.numpy())
     if monitor.error and verbose:
-        print(f"error: {monitor.error}: {manager.latest_checkpoint}", file=sys.stderr)
+        print(f"error: {monitor.error}\nlast good checkpoint: {manager.latest_checkpoint}",
+              file=sys.stderr)
     return {"step": step, "checkpoint": manager.latest_checkpoint, "error": monitor.error,
             "model": gan, "chief": chief, "signal": stopper and stopper.stopped_by}
 
