@@ -62,17 +62,23 @@ def main(argv=None) -> int:
                                  capture_output=True, text=True, env={**os.environ,
                                                                       "TF_CPP_MIN_LOG_LEVEL": "2"})
             line = [x for x in out.stdout.splitlines() if x.startswith("ROW ")]
-            if out.returncode or not line:
-                print(out.stderr[-3000:], file=sys.stderr)
-                return 1
-            rows.append({"mode": name, "batch": args.batch,
-                         "volumes_per_execution": min(args.batch, max(1, run_voxels // 256**3)),
-                         **json.loads(line[0][4:])})
+            row = {"mode": name, "batch": args.batch,
+                   "volumes_per_execution": min(args.batch, max(1, run_voxels // 256**3))}
+            if out.returncode or not line:  # a crash is the finding, not the benchmark's failure
+                last = [x for x in out.stderr.splitlines() if x.strip()][-2:]
+                row.update(seconds=None, peak_rss_mb=None,
+                           failed=f"exit code {out.returncode}: {' '.join(last)[-300:]}")
+            else:
+                row.update(json.loads(line[0][4:]))
+            rows.append(row)
     print(f"| mode (batch {args.batch} at 256^3, width {args.width}) | volumes per execution "
           "| seconds | peak RSS MB |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['volumes_per_execution']} | {r['seconds']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} |")
+        if r.get("failed"):
+            print(f"| {r['mode']} | {r['volumes_per_execution']} | failed: {r['failed']} | |")
+        else:
+            print(f"| {r['mode']} | {r['volumes_per_execution']} | {r['seconds']:.1f} | "
+                  f"{r['peak_rss_mb']:.0f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"machine": platform.processor() or platform.machine(),
