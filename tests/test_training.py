@@ -153,6 +153,8 @@ def test_mirrored_strategy_two_replicas(data):
         np.testing.assert_array_equal(values[0].numpy(), values[1].numpy(), err_msg=v.path)
     with pytest.raises(ValueError, match="batch_size 3 is the global batch and must be a multiple of the 2"):
         train(tiny(batch_size=3), data, "/nonexistent/run", strategy, progress=False)
+    with pytest.raises(ValueError, match="jit_compile needs a single replica, not 2"):
+        train(tiny(jit_compile=True), data, "/nonexistent/run", strategy, progress=False)
 
 
 _WORKER = """

@@ -181,6 +181,11 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     """
     strategy = strategy or make_strategy()  # before any TF op: multi-worker collectives need it
     replicas = strategy.num_replicas_in_sync
+    if config.jit_compile and replicas > 1:  # checked on 2 logical CPUs; Keras's "auto" says no too
+        raise ValueError(f"jit_compile needs a single replica, not {replicas}: Keras 3 cannot "
+                         "XLA-compile a step across replicas (it fails with 'Trying to access "
+                         "resource ... located in device'; keras-team/keras#19005). Train on one "
+                         "device or --set jit_compile=false")
     if config.batch_size % replicas:  # an uneven split would scale the replicas' losses wrongly
         raise ValueError(f"batch_size {config.batch_size} is the global batch and must be a "
                          f"multiple of the {replicas} replicas")
