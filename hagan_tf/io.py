@@ -52,7 +52,9 @@ def montage_png(volumes, path: str, titles: list[str] | None = None, vmin=-1.0, 
         slices = vol if isinstance(vol, (list, tuple)) else mid_slices(vol)
         for j, (sl, view) in enumerate(zip(slices, ("axial", "coronal", "sagittal"))):
             ax = axes[i, j]
-            ax.imshow(sl, cmap="gray", vmin=vmin, vmax=vmax, origin="lower" if j else "upper")
+            # Rows are H (toward anterior) or D (toward superior) in RAS+: drawn from the
+            # bottom, so anterior and superior are up, as a radiologist expects.
+            ax.imshow(sl, cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -151,3 +151,30 @@ def test_arguments_are_checked():
         preprocess_array(np.zeros((8, 8, 8)), 32, modality="pet")
     with pytest.raises(ValueError, match="window"):
         preprocess_array(np.ones((8, 8, 8)), 32, window=(600, -1024))
+
+
+def test_montages_show_anterior_and_superior_up_and_the_phantom_spine_is_posterior(tmp_path):
+    """Records are [D, H, W] = [z, y, x] in RAS+: D grows superior, H anterior. The montage
+    (every command's PNG) must draw them up, as a radiologist reads a chest CT."""
+    import matplotlib.image
+
+    from hagan_tf.io import montage_png
+
+    s = 32
+    anterior = np.full((s, s, s), -1.0, np.float32)
+    anterior[:, s // 2:, :] = 0.5  # the anterior half grey, the posterior black
+    superior = np.full((s, s, s), -1.0, np.float32)
+    superior[s // 2:] = 0.5
+    png = matplotlib.image.imread(montage_png([anterior, superior], str(tmp_path / "m.png")))
+    png = png[..., :3].mean(-1)
+    half, third = png.shape[0] // 2, png.shape[1] // 3
+    for row, panel in ((0, 0), (1, 1), (1, 2)):  # axial of the first; coronal, sagittal of the second
+        band = png[row * half:(row + 1) * half, panel * third:(panel + 1) * third]
+        grey = np.nonzero((np.abs(band - 0.75) < 0.05).sum(1) > 5)[0]
+        black = np.nonzero((band < 0.05).sum(1) > 5)[0]
+        assert grey.size and black.size, (row, panel)
+        assert grey.mean() < black.mean(), (row, panel)  # anterior / superior on top
+    # The phantom's spine (bone) lies posterior, in the low-H half.
+    hu = phantom_hu((32, 48, 40), 0.8, np.random.default_rng(0))
+    bone = np.argwhere(hu >= 500)
+    assert bone.size and bone[:, 1].mean() < 48 / 2

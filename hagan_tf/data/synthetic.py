@@ -18,7 +18,8 @@ HU_AIR, HU_LUNG, HU_TISSUE, HU_BONE = -1000.0, -850.0, 40.0, 500.0
 
 
 def phantom_hu(shape, lung_scale: float, rng: np.random.Generator) -> np.ndarray:
-    """A [D, H, W] volume in Hounsfield units; `lung_scale` in [0.5, 1] sets the lung size."""
+    """A [D, H, W] = [z, y, x] (RAS+) volume in Hounsfield units, spine posterior;
+    `lung_scale` in [0.5, 1] sets the lung size."""
     d, h, w = shape
     zz, yy, xx = np.meshgrid(np.linspace(-1, 1, d), np.linspace(-1, 1, h), np.linspace(-1, 1, w),
                              indexing="ij")
@@ -30,7 +31,7 @@ def phantom_hu(shape, lung_scale: float, rng: np.random.Generator) -> np.ndarray
         lung = (((zz - 0.05) / (0.75 * lung_scale)) ** 2 + (yy / (0.45 * lung_scale)) ** 2
                 + ((xx - cx) / (0.3 * lung_scale)) ** 2) <= 1
         vol[lung] = HU_LUNG + rng.normal(0, 30, size=int(lung.sum()))
-    spine = ((yy - 0.5) / 0.12) ** 2 + (xx / 0.12) ** 2 <= 1
+    spine = ((yy + 0.5) / 0.12) ** 2 + (xx / 0.12) ** 2 <= 1  # posterior: H grows anterior (RAS+)
     vol[spine & torso] = HU_BONE
     for _ in range(rng.integers(1, 4)):
         c = rng.uniform(-0.5, 0.5, 3)

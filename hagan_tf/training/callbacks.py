@@ -149,7 +149,7 @@ class Monitor(keras.callbacks.Callback):
             for name, vol in images.items():
                 sl = mid_slices(np.asarray(vol[0]))
                 for view, img in zip(("axial", "coronal", "sagittal"), sl):
-                    img = (np.clip(img, -1, 1) + 1) / 2
+                    img = (np.clip(img[::-1], -1, 1) + 1) / 2  # anterior / superior up, as in montages
                     tf.summary.image(f"{name}/{view}", img[None, :, :, None], step=step)
 
     def on_train_end(self, logs=None):
