@@ -26,7 +26,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc)
 
 from hagan_tf import HAGAN, HAGANConfig
-from hagan_tf.serving import GRPC_OPTIONS
+from hagan_tf.serving import GRPC_OPTIONS, ServingError
 from hagan_tf.serving.client import Client, encode_main, sample_main
 from hagan_tf.serving.export import export_model, seed_latents
 
@@ -355,6 +355,34 @@ def test_hagan_sample_refuses_bad_arguments(served, tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err
     assert sample_main(["--server", server, "--model", "nope", "--out", str(tmp_path)]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    for argv, message in [
+        (["--server", server, "--montage-max", "-1", "--out", str(tmp_path)], "--montage-max must be >= 0"),
+        (["--server", server, "--out", str(tmp_path / "a_file" / "x")], "cannot write --out"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            sample_main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert sample_main(["--server", server, "-n", "1", "--montage-max", "0",
+                        "--out", str(tmp_path / "none")]) == 0
+    assert sorted(os.listdir(tmp_path / "none")) == ["sample_0.nii.gz", "samples.csv"]
+    assert "wrote 1 samples (1.5 mm voxels) to" in capsys.readouterr().out
+
+
+def test_rest_client_errors_say_what_went_wrong(served):
+    """The gRPC port given with --rest, and a server that takes a request but never answers."""
+    _, _, grpc_port, _ = served
+    with pytest.raises(ServingError, match="is this the gRPC port"):
+        Client(f"127.0.0.1:{grpc_port}", rest=True).config()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        with pytest.raises(ServingError, match=r"no answer from .* within 0.5 s \(raise --timeout\)") as e:
+            Client(f"127.0.0.1:{silent.getsockname()[1]}", rest=True, timeout=0.5).config()
+        assert e.value.code == "DEADLINE_EXCEEDED"  # hagan-encode skips that batch, not the job
+    finally:
+        silent.close()
 
 
 def test_hagan_encode_preprocesses_scans_and_skips_bad_ones(served, tmp_path, capsys):
@@ -388,6 +416,9 @@ def test_hagan_encode_preprocesses_scans_and_skips_bad_ones(served, tmp_path, ca
         assert [r[0] for r in rows[1:]] == scans
         np.testing.assert_allclose(np.array([r[1:] for r in rows[1:]], np.float32), expected,
                                    rtol=1e-4, atol=1e-4)
+    with pytest.raises(SystemExit) as e:  # --out is a directory
+        encode_main(["--server", f"127.0.0.1:{grpc_port}", scans[0], "--out", str(tmp_path)])
+    assert e.value.code == 2 and "cannot write --out" in capsys.readouterr().err
 
 
 def test_hagan_encode_takes_the_training_datas_transform(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import http.client
 import json
 import os
 import sys
@@ -139,8 +140,20 @@ class RestTransport:
             except ValueError:
                 message = str(e.reason)
             raise ServingError(_HTTP_CODES.get(e.code, "UNKNOWN"), message, e.code) from None
-        except (urllib.error.URLError, OSError) as e:
+        except TimeoutError as e:  # reached, but no answer in time
+            raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} within "
+                               f"{self.timeout:g} s (raise --timeout): {e}") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, TimeoutError):
+                raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} within "
+                                   f"{self.timeout:g} s (raise --timeout)") from None
             raise ServingError("UNAVAILABLE", f"cannot reach {url}: {e}") from None
+        except OSError as e:
+            raise ServingError("UNAVAILABLE", f"cannot reach {url}: {e}") from None
+        except (http.client.HTTPException, ValueError) as e:  # gRPC's HTTP/2 frames, not JSON
+            raise ServingError("UNAVAILABLE", f"{url} did not answer as TF Serving's REST API "
+                               f"(is this the gRPC port? REST is usually 8501): "
+                               f"{type(e).__name__}") from None
 
     def predict(self, model, version, signature, inputs) -> dict:
         def as_json(v):
@@ -265,7 +278,7 @@ def sample_main(argv=None) -> int:
     """hagan-sample: N reproducible samples as NIfTI files plus a PNG montage of mid slices."""
     from tqdm import tqdm
 
-    from ..io import montage_png, save_nifti
+    from ..io import mid_slices, montage_png, save_nifti
 
     p = argparse.ArgumentParser(
         prog="hagan-sample",
@@ -284,6 +297,8 @@ def sample_main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.num < 1:
         p.error("-n must be >= 1")
+    if args.montage_max < 0:
+        p.error("--montage-max must be >= 0")
     if not 0 <= args.seed <= 2**63 - 1 - args.num:
         p.error("--seed must be a non-negative 64-bit integer")
     client = _connect(p, args)
@@ -298,7 +313,10 @@ def sample_main(argv=None) -> int:
         if classes and not 0 <= args.label < classes:
             p.error(f"--label must be in 0..{classes - 1}")
         spacing = float(cfg.get("spacing", 1.0)) * (4 if args.preview else 1)
-        os.makedirs(args.out, exist_ok=True)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            p.error(f"cannot write --out {args.out!r}: {e.strerror}")
         seeds = np.arange(args.seed, args.seed + args.num, dtype=np.int64)
         rows, shown = [], []
         with tqdm(total=args.num, unit="volume", desc="sampling") as bar:
@@ -315,19 +333,21 @@ def sample_main(argv=None) -> int:
                     name = f"sample_{seed}.nii.gz"
                     save_nifti(volume, os.path.join(args.out, name), spacing)
                     rows.append((name, int(seed), "" if args.label is None else args.label))
-                    if len(shown) < args.montage_max:
-                        shown.append((volume, f"seed {seed}"))
+                    if len(shown) < args.montage_max:  # slices: 16 volumes of 256^3 are 1 GiB
+                        shown.append((mid_slices(volume), f"seed {seed}"))
                 bar.update(len(chunk))
         with open(os.path.join(args.out, "samples.csv"), "w", newline="") as f:
             csv.writer(f).writerows([("file", "seed", "label")] + rows)
-        montage_png([v for v, _ in shown], os.path.join(args.out, "montage.png"),
-                    titles=[t for _, t in shown])
+        if shown:
+            montage_png([v for v, _ in shown], os.path.join(args.out, "montage.png"),
+                        titles=[t for _, t in shown])
     except ServingError as e:
         print(f"hagan-sample: error: {e}", file=sys.stderr)
         return 1
     finally:
         client.close()
-    print(f"wrote {args.num} samples ({spacing:g} mm voxels) and montage.png to {args.out}")
+    shown_note = " and montage.png" if shown else ""
+    print(f"wrote {args.num} samples ({spacing:g} mm voxels){shown_note} to {args.out}")
     return 0
 
 
@@ -398,8 +418,12 @@ def encode_main(argv=None) -> int:
     try:
         cfg = client.config()
         size, latent = int(cfg["size"]), int(cfg["latent_dim"])
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", newline="") as f, \
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            f = open(args.out, "w", newline="")
+        except OSError as e:
+            p.error(f"cannot write --out {args.out!r}: {e.strerror}")
+        with f, \
                 tqdm(total=len(args.scans), unit="scan", desc="encoding") as bar:
             out = csv.writer(f)
             out.writerow(["scan"] + [f"z{i}" for i in range(latent)])
