@@ -44,6 +44,9 @@ def _step(title: str, fn, argv: list[str]) -> None:
     print(f"   ({time.perf_counter() - t:.0f} s)", flush=True)
 
 
+OUTPUTS = ("scans", "data", "run", "models", "samples", "report", "embeddings.csv")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hagan-quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,10 +55,21 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="training iterations")
     p.add_argument("--overwrite", action="store_true", help="start from an empty --out")
     args = p.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out!r} is a file")
     if os.path.exists(args.out) and os.listdir(args.out):
         if not args.overwrite:
             p.error(f"{args.out!r} is not empty: pass --overwrite or another --out")
-        shutil.rmtree(args.out)
+        foreign = sorted(set(os.listdir(args.out)) - set(OUTPUTS))
+        if foreign:  # --overwrite replaces a quickstart's outputs, never anything else
+            p.error(f"{args.out!r} holds files the quickstart did not write ({', '.join(foreign[:5])}): "
+                    "choose another --out")
+        for name in os.listdir(args.out):
+            path = os.path.join(args.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
     from .data.records import DEAD_LETTER
     from .evaluation.cli import main as evaluate
@@ -66,7 +80,7 @@ def main(argv=None) -> int:
     from .training.cli import main as train
 
     out = args.out
-    d = {k: os.path.join(out, k) for k in ("scans", "data", "run", "models", "samples", "report")}
+    d = {k: os.path.join(out, k) for k in OUTPUTS}
     t0 = time.perf_counter()
     scans = write_scans(d["scans"], args.scans)
     print(f"wrote {len(scans)} synthetic CT scans (+1 corrupt file) to {d['scans']}")
@@ -84,7 +98,7 @@ def main(argv=None) -> int:
               ["hagan-sample", "--server", addr, "-n", "4", "--seed", "0", "--out", d["samples"]])
         _step("encode over REST", encode_main,
               ["hagan-encode", "--server", f"127.0.0.1:{server.rest_port}", "--rest", *scans[:4],
-               "--like", d["data"], "--out", os.path.join(out, "embeddings.csv")])
+               "--like", d["data"], "--out", d["embeddings.csv"]])
     _step("evaluate (held-out fold 3)", evaluate,
           ["hagan-evaluate", "--run", d["run"], "--real", d["data"], "--fold", "3", "--n", "8",
            "--features", "random-resnet", "--resnet-width", "0.25", "--ms-ssim-samples", "4",
@@ -94,7 +108,7 @@ def main(argv=None) -> int:
         (os.path.join(d["samples"], "montage.png"), "mid slices of the generated samples"),
         (d["samples"], "the samples as NIfTI (any viewer: ITK-SNAP, 3D Slicer, nibabel)"),
         (os.path.join(d["report"], "report.md"), "the metrics report (+ mds.png, montage.png)"),
-        (os.path.join(out, "embeddings.csv"), "latent codes of four scans"),
+        (d["embeddings.csv"], "latent codes of four scans"),
         (os.path.join(d["data"], DEAD_LETTER), "the corrupt input and why it was refused"),
         (os.path.join(d["run"], "tensorboard"), "tensorboard --logdir " + os.path.join(d["run"], "tensorboard")),
     ]:

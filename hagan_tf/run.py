@@ -73,5 +73,9 @@ def load_hagan(run_dir: str, step: int | None = None):
     model = HAGAN(config)
     step_var = tf.Variable(0, dtype=tf.int64)
     path = checkpoint_path(run_dir, step)
-    tf.train.Checkpoint(model=model, step=step_var).restore(path).expect_partial()
+    try:
+        tf.train.Checkpoint(model=model, step=step_var).restore(path).expect_partial()
+    except (IndexError, tf.errors.OpError) as e:  # a data file cut short raises IndexError
+        raise ValueError(f"checkpoint {path} is unreadable (a partial copy of the run "
+                         f"directory?): {getattr(e, 'message', None) or e}") from None
     return model, int(step_var.numpy())

@@ -37,3 +37,19 @@ def test_quickstart_runs_the_chain_and_writes_what_it_lists(tmp_path):
     assert len(dead) == 1 and "corrupt.nii.gz" in json.dumps(dead[0])
     events = os.listdir(os.path.join(out, "run", "tensorboard"))
     assert any(e.startswith("events.out.tfevents") for e in events)
+
+
+def test_overwrite_replaces_only_what_a_quickstart_writes(tmp_path, capsys):
+    import pytest
+
+    from hagan_tf.quickstart import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "thesis.tex").write_text("mine")  # `--out . --overwrite` must not take this
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path), "--overwrite"])
+    assert e.value.code == 2 and "did not write (thesis.tex)" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["run", "thesis.tex"]
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "thesis.tex")])
+    assert e.value.code == 2 and "is a file" in capsys.readouterr().err

@@ -421,6 +421,43 @@ def _damaged_copy(data, dest, damage):
     return str(dest), os.path.basename(path)
 
 
+def test_a_dataset_rewritten_in_place_and_values_float16_cannot_hold(data, tmp_path):
+    """ShardWriter replaces an earlier dataset's shards (a stale one would be read too), marks
+    an interrupted write unfinished, and refuses what float16 would store as inf."""
+    from hagan_tf.data.records import SUMMARY, read_manifest
+
+    d = str(tmp_path / "d")
+    write_synthetic_dataset(d, n=4, size=32, shards=3)
+    write_synthetic_dataset(d, n=4, size=32, shards=2)
+    assert sorted(n for n in os.listdir(d) if n.endswith(".tfrecord")) == [
+        "data-00000-of-00002.tfrecord", "data-00001-of-00002.tfrecord"]
+    assert sum(1 for _ in make_dataset(d, 1, size=32, repeat=False)) == 4
+    with pytest.raises(ValueError, match=r"x: values beyond float16's range \(65504\)"):
+        with ShardWriter(d, 1) as w:
+            w.write(np.full((32, 32, 32), 1.0, np.float32), "ok")
+            w.write(np.full((32, 32, 32), 7e4, np.float32), "x")
+    assert not os.path.exists(os.path.join(d, SUMMARY)) and len(read_manifest(d)) == 1
+    with open(os.path.join(d, "manifest.jsonl"), "a") as f:
+        f.write('{"subject_id": "cut')
+    with pytest.raises(ValueError, match=r"manifest.jsonl, line 2: not a JSON row"):
+        read_manifest(d)
+    with pytest.raises(ValueError, match="no records .* pass the fold selection"):
+        make_dataset(data, 2, size=32, exclude_folds=[-1])  # would loop over empty epochs
+
+
+def test_a_checkpoint_cut_short_is_a_clear_error(data, tmp_path):
+    from hagan_tf.run import load_hagan
+
+    run = str(tmp_path / "run")
+    train(tiny(max_steps=1), data, run, tf.distribute.get_strategy(), progress=False)
+    ckpts = os.path.join(run, "checkpoints")
+    shard = next(os.path.join(ckpts, n) for n in os.listdir(ckpts) if ".data-" in n)
+    with open(shard, "r+b") as f:
+        f.truncate(os.path.getsize(shard) // 2)  # an interrupted copy of the run directory
+    with pytest.raises(ValueError, match="checkpoint .*ckpt-1 is unreadable"):
+        load_hagan(run)
+
+
 def test_damaged_shards_are_named_before_any_work(data, tmp_path):
     from hagan_tf.data.records import shard_problems
 

@@ -112,7 +112,8 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
 
     if repeat:
         skip = start_step * batch_size
-        n = count_examples(data_dir, folds, exclude_folds) if skip else 1
+        selected = folds is not None or exclude_folds  # a selection of none would loop forever
+        n = count_examples(data_dir, folds, exclude_folds) if skip or selected else 1
         if n == 0:
             raise ValueError(f"no records in {data_dir!r} pass the fold selection")
         index, count = shard

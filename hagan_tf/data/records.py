@@ -51,7 +51,12 @@ def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: i
         volume = volume[..., 0]
     if volume.ndim != 3:
         raise ValueError(f"expected a [D, H, W] volume, got shape {volume.shape}")
-    data = np.ascontiguousarray(volume, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    with np.errstate(over="ignore"):  # an overflow is refused below, with its cause
+        stored = np.ascontiguousarray(volume, dtype=np.dtype(dtype).newbyteorder("<"))
+    if dtype == "float16" and np.isinf(stored).any() and not np.isinf(volume).any():
+        raise ValueError(f"{subject_id}: values beyond float16's range (65504) would be stored "
+                         "as inf: normalise the volume to [-1, 1] first")
+    data = stored.tobytes()
 
     def b(v):
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
@@ -157,8 +162,16 @@ def read_manifest(data_dir: str) -> list[dict]:
     path = os.path.join(data_dir, MANIFEST)
     if not tf.io.gfile.exists(path):
         return []
+    rows = []
     with tf.io.gfile.GFile(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise ValueError(f"{path}, line {number}: not a JSON row (a truncated "
+                                     "copy?): re-copy the dataset or re-run hagan-preprocess") from None
+    return rows
 
 
 class ShardWriter:
@@ -166,6 +179,10 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, shards: int = 1):
         os.makedirs(out_dir, exist_ok=True)
+        for name in tf.io.gfile.glob(os.path.join(out_dir, "data-*-of-*.tfrecord")) + [
+                os.path.join(out_dir, n) for n in (MANIFEST, SUMMARY, DEAD_LETTER)]:
+            if tf.io.gfile.exists(name):  # a dataset written here before: stale shards would
+                tf.io.gfile.remove(name)  # be read along with the new ones
         self.out_dir, self.count, self.n = out_dir, shards, 0
         self.names = [shard_name(i, shards) for i in range(shards)]
         self.writers = [tf.io.TFRecordWriter(os.path.join(out_dir, n)) for n in self.names]
@@ -179,15 +196,17 @@ class ShardWriter:
         self.manifest.write(json.dumps(row) + "\n")
         self.n += 1
 
-    def close(self, **summary):
+    def close(self, complete: bool = True, **summary):
+        """Closes the files; the summary, which marks the dataset finished, only if complete."""
         for w in self.writers:
             w.close()
         self.manifest.close()
-        with open(os.path.join(self.out_dir, SUMMARY), "w") as f:
-            json.dump({"written": self.n, "shards": self.count, **summary}, f, indent=2)
+        if complete:
+            with open(os.path.join(self.out_dir, SUMMARY), "w") as f:
+                json.dump({"written": self.n, "shards": self.count, **summary}, f, indent=2)
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        self.close(complete=exc_type is None)
