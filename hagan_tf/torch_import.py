@@ -287,10 +287,12 @@ def main(argv=None):
                    help="training step to record (default: the N of 'iterN' in the generator's name, else 0)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory to write")
     args = p.parse_args(argv)
-    for opt in ("generator", "discriminator", "encoder", "sub_encoder"):
-        path = getattr(args, opt)
-        if path is not None and not os.path.isfile(path):
-            p.error(f"--{opt.replace('_', '-')}: no such file: {path}")
+    missing = [f"--{opt.replace('_', '-')} {getattr(args, opt)}"
+               for opt in ("generator", "discriminator", "encoder", "sub_encoder")
+               if getattr(args, opt) is not None and not os.path.isfile(getattr(args, opt))]
+    if missing:  # all at once: the published weights come as four files
+        p.error(f"no such file: {'; '.join(missing)} (the published weights: see README, "
+                "'Use the published weights')")
     if args.num_classes < 0:
         p.error("--num-classes must be >= 0")
     if args.step is not None and args.step < 0:

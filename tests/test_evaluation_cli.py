@@ -140,7 +140,7 @@ def test_a_conditional_model_samples_classes_in_the_real_proportions():
 @pytest.mark.parametrize("argv,message", [
     (["--features", "medicalnet"], "needs --weights"),
     (["--features", "random-resnet", "--weights", "x.pth"], "only used with"),
-    (["--features", "medicalnet", "--weights", "/nonexistent.pth"], "does not exist"),
+    (["--features", "medicalnet", "--weights", "/nonexistent.pth"], "does not exist; it comes from MedicalNet's release"),
     (["--features", "random-resnet", "--n", "1"], ">= 2"),
     (["--features", "random-resnet", "--lowres", "24"], "--lowres must divide"),
     (["--features", "random-resnet", "--fold", "7"], "found 0 real volume(s)"),

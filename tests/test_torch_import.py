@@ -280,7 +280,8 @@ def test_bad_arguments_exit_2(published_128, tmp_path, capsys):
     g = published_128["paths"]["generator"]
     cases = [
         ["--size", "64", "--generator", g, "--out", str(tmp_path / "a")],
-        ["--size", "128", "--generator", str(tmp_path / "nope.pth"), "--out", str(tmp_path / "b")],
+        ["--size", "128", "--generator", str(tmp_path / "nope.pth"), "--discriminator",
+         str(tmp_path / "nope_d.pth"), "--out", str(tmp_path / "b")],
         ["--size", "128", "--generator", g, "--encoder", g, "--out", str(tmp_path / "c")],
         ["--size", "128", "--generator", g, "--out", published_128["run"]],  # not empty: never overwritten
         ["--size", "128", "--generator", g, "--num-classes", "-1", "--out", str(tmp_path / "d")],
@@ -291,6 +292,7 @@ def test_bad_arguments_exit_2(published_128, tmp_path, capsys):
         assert info.value.code == 2, argv
     err = capsys.readouterr().err
     assert "no such file" in err and "together" in err and "not an empty directory" in err
+    assert "nope.pth; --discriminator " in err and "nope_d.pth" in err  # every missing file at once
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 

@@ -275,9 +275,13 @@ def main(argv=None) -> int:
                      "(or use --features random-resnet / encoder)")
     if args.weights and args.features != "medicalnet":
         parser.error("--weights is only used with --features medicalnet")
+    where = {"weights": "MedicalNet's release (github.com/Tencent/MedicalNet, pretrain/)",
+             "inception_weights": "keras.applications (inception_v3_weights_tf_dim_ordering_tf_"
+                                  "kernels.h5, downloaded once by InceptionV3(weights='imagenet'))"}
     for opt in ("weights", "inception_weights"):
         if getattr(args, opt) and not os.path.isfile(getattr(args, opt)):
-            parser.error(f"--{opt.replace('_', '-')} {getattr(args, opt)!r} does not exist")
+            parser.error(f"--{opt.replace('_', '-')} {getattr(args, opt)!r} does not exist; "
+                         f"it comes from {where[opt]}")
     if args.resnet_width <= 0:
         parser.error("--resnet-width must be > 0")
 
