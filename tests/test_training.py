@@ -342,6 +342,18 @@ def test_images_above_128_show_the_slab_reconstruction_instead_of_whole_volumes(
             "reconstruction_slab/coronal"} <= tags and not any("volume" in t for t in tags)
 
 
+def test_a_single_shard_larger_than_the_shuffle_block_is_warned_about(tmp_path, capsys):
+    """Blocks of consecutive records are shuffled, and shards interleaved: one shard alone
+    would keep each epoch nearly in file order."""
+    from hagan_tf.training.cli import describe_training_set
+
+    one = write_synthetic_dataset(str(tmp_path / "one"), n=4, size=32, shards=1)
+    assert describe_training_set(one, tiny(shuffle_buffer=2)).startswith("4 volumes")
+    assert "all 4 records are in one shard" in capsys.readouterr().err
+    describe_training_set(one, tiny(shuffle_buffer=4))
+    assert capsys.readouterr().err == ""
+
+
 def test_cli_rejects_bad_arguments(data, tmp_path, capsys):
     assert train_main(["--config", "nope", "--data", data, "--out", str(tmp_path / "r")]) == 2
     assert "no config file or preset" in capsys.readouterr().err

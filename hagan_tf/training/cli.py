@@ -137,6 +137,11 @@ def describe_training_set(data_dir: str, config: HAGANConfig) -> str:
                 "re-run hagan-preprocess with --labels, or --set num_classes=0")
     if volumes == 0:
         raise ValueError(f"no records in {data_dir!r} are outside the held-out fold {config.fold}")
+    if len({r.get("shard") for r in rows}) == 1 and len(rows) > config.shuffle_buffer:
+        print(f"hagan-train: warning: all {len(rows)} records are in one shard, so each epoch is "
+              f"shuffled only within blocks of {config.shuffle_buffer} consecutive records; "
+              "write several shards (hagan-preprocess does) or raise shuffle_buffer",
+              file=sys.stderr)
     if volumes == len(rows) and config.fold is not None:
         print(f"hagan-train: warning: no record is in fold {config.fold}, so none is held out "
               "(hagan-preprocess --folds K assigns folds 0..K-1)", file=sys.stderr)
