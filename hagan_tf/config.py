@@ -110,7 +110,10 @@ class HAGANConfig:
                 d = yaml.safe_load(f)
             except yaml.YAMLError as e:
                 raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from None
-        return cls.from_dict({} if d is None else d)
+        try:
+            return cls.from_dict({} if d is None else d)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def to_yaml(self, path: str) -> None:
         with _open(path, "w") as f:

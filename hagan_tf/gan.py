@@ -56,7 +56,9 @@ class _Training:
         opts = [g_optimizer or adam(cfg.lr_g), d_optimizer or adam(cfg.lr_d),
                 eh_optimizer or adam(cfg.lr_eh), eg_optimizer or adam(cfg.lr_eg)]
         if cfg.mixed_precision == "mixed_float16":
-            opts = [o if isinstance(o, keras.optimizers.LossScaleOptimizer)
+            opts = [o if isinstance(o, LossScaleOptimizer)
+                    else LossScaleOptimizer(o.inner_optimizer, o.initial_scale, o.dynamic_growth_steps)
+                    if isinstance(o, keras.optimizers.LossScaleOptimizer)  # Keras's: see ours
                     else LossScaleOptimizer(o) for o in opts]
         self.g_optimizer, self.d_optimizer, self.eh_optimizer, self.eg_optimizer = opts
         if jit_compile is None:

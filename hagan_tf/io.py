@@ -53,7 +53,8 @@ def montage_png(volumes, path: str, titles: list[str] | None = None, vmin=-1.0, 
         for j, (sl, view) in enumerate(zip(slices, ("axial", "coronal", "sagittal"))):
             ax = axes[i, j]
             # Rows are H (toward anterior) or D (toward superior) in RAS+: drawn from the
-            # bottom, so anterior and superior are up, as a radiologist expects.
+            # bottom, so anterior and superior are up. Columns keep the stored order: the
+            # patient's right on the viewer's right (neurological convention).
             ax.imshow(sl, cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])

@@ -438,6 +438,12 @@ def test_a_dataset_rewritten_in_place_and_values_float16_cannot_hold(data, tmp_p
     an interrupted write unfinished, and refuses what float16 would store as inf."""
     from hagan_tf.data.records import SUMMARY, read_manifest
 
+    for sibling in ("d1", "d2"):  # a bracket in a directory name is no pattern
+        write_synthetic_dataset(str(tmp_path / sibling), n=2, size=32)
+    before = [sorted(os.listdir(tmp_path / sibling)) for sibling in ("d1", "d2")]
+    write_synthetic_dataset(str(tmp_path / "d[12]"), n=2, size=32)
+    assert [sorted(os.listdir(tmp_path / sibling)) for sibling in ("d1", "d2")] == before
+    assert sum(1 for _ in make_dataset(str(tmp_path / "d[12]"), 1, size=32, repeat=False)) == 2
     d = str(tmp_path / "d")
     write_synthetic_dataset(d, n=4, size=32, shards=3)
     write_synthetic_dataset(d, n=4, size=32, shards=2)
@@ -563,6 +569,9 @@ def test_nan_loss_stops_with_its_name_and_step_and_keeps_last_checkpoint(data, t
     assert resumed["step"] == 3 and resumed["error"] is None
     assert "resuming with lr_d 0.0004 -> 1e-05, seed 0 -> 7" in capsys.readouterr().err
     assert float(resumed["model"].d_optimizer.learning_rate.numpy()) == pytest.approx(1e-5)
+    fresh = train(cfg.replace(max_steps=4, checkpoint_every=100), bad, str(tmp_path / "fresh"),
+                  tf.distribute.get_strategy(), progress=False)
+    assert fresh["error"] and "no checkpoint was written yet" in capsys.readouterr().err
 
 
 def test_weights_that_are_not_finite_are_never_checkpointed(tmp_path):
@@ -636,7 +645,9 @@ def test_loss_scaling_skips_on_every_replica_together_and_a_skipped_step_counts(
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:  # an overflowing scale, as at the start of a run: every step skips D's update
         gan = HAGAN(tiny(mixed_precision="mixed_float16"))
-        gan.compile(d_optimizer=LossScaleOptimizer(Adam(4e-4, beta_1=0.0), initial_scale=2.0**60))
+        gan.compile(d_optimizer=LossScaleOptimizer(Adam(4e-4, beta_1=0.0), initial_scale=2.0**60),
+                    g_optimizer=keras.optimizers.LossScaleOptimizer(Adam(1e-4, beta_1=0.0)))
+        assert isinstance(gan.g_optimizer, LossScaleOptimizer)  # Keras's own gets both fixes too
         ds = make_dataset(data, 2, size=32).map(lambda r: r["volume"])
         gan.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)
         assert float(gan.d_optimizer.dynamic_scale.numpy()) < 2.0**60  # it did skip

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import fnmatch
 import json
 import os
+import posixpath
 import struct
 
 import numpy as np
@@ -98,9 +100,20 @@ def decode_example(serialized: bytes) -> dict:
     return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in parse_example(serialized).items()}
 
 
+def files_in(directory: str, pattern: str) -> list[str]:
+    """Files of `directory` (local, gs://, hdfs://) whose names match `pattern`. Unlike
+    glob(DIR/pattern), brackets or stars in the directory's own name are not a pattern: a
+    glob of "runs/a[12]/*" would read or delete the files of runs/a1 and runs/a2."""
+    if not tf.io.gfile.isdir(directory):
+        return []
+    join = posixpath.join if "://" in directory else os.path.join
+    return sorted(join(directory, n.rstrip("/")) for n in tf.io.gfile.listdir(directory)
+                  if fnmatch.fnmatchcase(n.rstrip("/"), pattern))
+
+
 def shard_paths(data_dir: str) -> list[str]:
     """Shards of a dataset directory, local or on any filesystem TF reads (gs://, hdfs://)."""
-    paths = sorted(tf.io.gfile.glob(os.path.join(data_dir, SHARD_PATTERN)))
+    paths = files_in(data_dir, SHARD_PATTERN)
     if not paths:
         raise FileNotFoundError(f"no {SHARD_PATTERN} shards in {data_dir!r}")
     return paths
@@ -179,7 +192,7 @@ class ShardWriter:
 
     def __init__(self, out_dir: str, shards: int = 1):
         os.makedirs(out_dir, exist_ok=True)
-        for name in tf.io.gfile.glob(os.path.join(out_dir, "data-*-of-*.tfrecord")) + [
+        for name in files_in(out_dir, "data-*-of-*.tfrecord") + [
                 os.path.join(out_dir, n) for n in (MANIFEST, SUMMARY, DEAD_LETTER)]:
             if tf.io.gfile.exists(name):  # a dataset written here before: stale shards would
                 tf.io.gfile.remove(name)  # be read along with the new ones

@@ -35,7 +35,8 @@ import apache_beam as beam  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ..config import HAGANConfig
-from ..data.records import DEAD_LETTER, MANIFEST, SHARD_PATTERN, SUMMARY, encode_example, shard_name
+from ..data.records import (DEAD_LETTER, MANIFEST, SHARD_PATTERN, SUMMARY, encode_example, files_in,
+                            shard_name)
 from .transform import CT_WINDOW, NIFTI_SUFFIXES, ScanError, preprocess_file, subject_id
 
 TMP_PREFIX = ".tmp-"
@@ -240,7 +241,7 @@ def _read_jsonl(path: str) -> list[dict]:
 
 
 def _existing_outputs(out_dir: str) -> list[str]:
-    return sorted(p for pattern in OUTPUTS for p in gfile.glob(_join(out_dir, pattern)))
+    return sorted(p for pattern in OUTPUTS for p in files_in(out_dir, pattern))
 
 
 def _prepare_output(parser, out_dir: str, overwrite: bool):
@@ -269,11 +270,11 @@ def _progress(out_dir: str, shards: int, done: threading.Event):
     with tqdm(total=shards, unit="shard", desc="preprocess", disable=None) as bar:
         while not done.wait(2.0):
             try:
-                n = len(gfile.glob(_join(out_dir, SHARD_PATTERN)))
+                n = len(files_in(out_dir, SHARD_PATTERN))
             except Exception:
                 continue
             bar.update(n - bar.n)
-        bar.update(len(gfile.glob(_join(out_dir, SHARD_PATTERN))) - bar.n)
+        bar.update(len(files_in(out_dir, SHARD_PATTERN)) - bar.n)
 
 
 def _beam_options(parser, beam_args: list[str]):
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         done.set()
         progress.join()
-        for tmp in gfile.glob(_join(out_dir, TMP_PREFIX + "*")):  # left by retried or failed bundles
+        for tmp in files_in(out_dir, TMP_PREFIX + "*"):  # left by retried or failed bundles
             gfile.remove(tmp)
     wall = time.time() - start
     rows, dead = _read_jsonl(_join(out_dir, MANIFEST)), _read_jsonl(_join(out_dir, DEAD_LETTER))

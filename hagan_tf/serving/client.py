@@ -140,15 +140,10 @@ class RestTransport:
             except ValueError:
                 message = str(e.reason)
             raise ServingError(_HTTP_CODES.get(e.code, "UNKNOWN"), message, e.code) from None
-        except TimeoutError as e:  # reached, but no answer in time
+        except TimeoutError as e:  # sent, but no answer in time (urllib wraps connect errors)
             raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} within "
                                f"{self.timeout:g} s (raise --timeout): {e}") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, TimeoutError):
-                raise ServingError("DEADLINE_EXCEEDED", f"no answer from {url} within "
-                                   f"{self.timeout:g} s (raise --timeout)") from None
-            raise ServingError("UNAVAILABLE", f"cannot reach {url}: {e}") from None
-        except OSError as e:
+        except OSError as e:  # URLError included: the server was not reached
             raise ServingError("UNAVAILABLE", f"cannot reach {url}: {e}") from None
         except (http.client.HTTPException, ValueError) as e:  # gRPC's HTTP/2 frames, not JSON
             raise ServingError("UNAVAILABLE", f"{url} did not answer as TF Serving's REST API "

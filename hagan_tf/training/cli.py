@@ -259,7 +259,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
             else:
                 monitor.on_train_end()
                 checkpointer.on_train_end()  # no update of the failed step ran: its batch never came
-                kept = f"Step {step} is checkpointed"
+                kept = (f"Step {step} is checkpointed" if checkpointer.last_saved == step
+                        else _kept_by_chief(run_dir))
             print("a record failed its checksum; reading every shard to name it ...", file=sys.stderr)
             where = "; ".join(unreadable_shards(data_dir)) or e.message
             error = ValueError(f"damaged records in {data_dir!r} at step {step} (re-copy or re-run "
@@ -268,16 +269,17 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
             if several_workers:
                 _tell_the_other_workers(strategy, error)
             raise error from e
-        except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
-                tf.errors.InternalError) as e:
+        except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError) as e:
             if not several_workers:
                 raise
             # A worker that failed or was killed aborts every collective: say so, not a traceback.
             raise _peer_failure(strategy, int(gan.step.numpy()), run_dir, e.message) from e
     step = int(gan.step.numpy())
     if monitor.error and verbose:
-        print(f"error: {monitor.error}\nlast good checkpoint: {manager.latest_checkpoint}",
-              file=sys.stderr)
+        latest = manager.latest_checkpoint
+        print(f"error: {monitor.error}\n" + (f"last good checkpoint: {latest}" if latest else
+              "no checkpoint was written yet: re-run with other settings (a run directory "
+              "without a checkpoint takes any config)"), file=sys.stderr)
     return {"step": step, "checkpoint": manager.latest_checkpoint, "error": monitor.error,
             "model": gan, "chief": chief, "signal": stopper and stopper.stopped_by}
 
