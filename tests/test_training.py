@@ -613,34 +613,60 @@ def test_mixed_precision_step_is_finite(data, policy):
         keras.mixed_precision.set_global_policy("float32")
 
 
+_LSO_REPLICAS = """
+import json
+import numpy as np, tensorflow as tf
+tf.config.set_logical_device_configuration(tf.config.list_physical_devices("CPU")[0],
+                                           [tf.config.LogicalDeviceConfiguration()] * 2)
+from hagan_tf.optimizers import Adam, LossScaleOptimizer
+strategy = tf.distribute.MirroredStrategy([d.name for d in tf.config.list_logical_devices("CPU")][:2])
+with strategy.scope():
+    v = tf.Variable([1.0, 1.0])
+    opt = LossScaleOptimizer(Adam(1e-2, beta_1=0.0), initial_scale=8.0)
+    opt.build([v])
+
+@tf.function
+def step(overflow_on_replica_1):
+    def fn():
+        rid = tf.distribute.get_replica_context().replica_id_in_sync_group
+        bad = tf.logical_and(overflow_on_replica_1, tf.equal(rid, 1))
+        opt.apply([tf.where(bad, tf.constant([np.inf, 8.0]), tf.constant([8.0, 8.0]))], [v])
+    strategy.run(fn)
+
+def values():
+    return [x.numpy().tolist() for x in strategy.experimental_local_results(v)]
+
+step(tf.constant(True))
+r = {"after_overflow": values(), "iterations": [int(opt.iterations.numpy())],
+     "scale": float(opt.dynamic_scale.numpy())}
+step(tf.constant(False))
+r["after_finite"] = values()
+r["iterations"].append(int(opt.iterations.numpy()))
+print("RESULT", json.dumps(r))
+"""
+
+
 def test_loss_scaling_skips_on_every_replica_together_and_a_skipped_step_counts(data):
     """Keras 3 decides per replica, before the gradients are summed: one GPU's overflow made
     the summed Inf reach the weights. And its skipped step did not advance the counter that
     is the trainer's step (r, z, the input's place on resume)."""
+    import json
+    import subprocess
+    import sys
+
     from hagan_tf.optimizers import Adam, LossScaleOptimizer
 
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
-    strategy = tf.distribute.MirroredStrategy(devices)
-    with strategy.scope():
-        v = tf.Variable([1.0, 1.0])
-        opt = LossScaleOptimizer(Adam(1e-2, beta_1=0.0), initial_scale=8.0)
-        opt.build([v])
-
-    @tf.function
-    def step(overflow_on_replica_1):
-        def fn():
-            rid = tf.distribute.get_replica_context().replica_id_in_sync_group
-            bad = tf.logical_and(overflow_on_replica_1, tf.equal(rid, 1))
-            opt.apply([tf.where(bad, tf.constant([np.inf, 8.0]), tf.constant([8.0, 8.0]))], [v])
-        strategy.run(fn)
-
-    step(tf.constant(True))
-    assert [x.numpy().tolist() for x in strategy.experimental_local_results(v)] == [[1.0, 1.0]] * 2
-    assert int(opt.iterations.numpy()) == 1 and float(opt.dynamic_scale.numpy()) == 4.0
-    step(tf.constant(False))
-    values = [x.numpy() for x in strategy.experimental_local_results(v)]
-    assert np.array_equal(values[0], values[1]) and np.all(values[0] < 1.0)
-    assert int(opt.iterations.numpy()) == 2
+    # Its own process: MirroredStrategy instances in one process share collective keys, and
+    # an earlier test's gradient all-reduce (another shape) would meet this one's.
+    out = subprocess.run([sys.executable, "-c", _LSO_REPLICAS], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
+                                           "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    r = json.loads(lines[-1][len("RESULT "):])
+    assert r["after_overflow"] == [[1.0, 1.0]] * 2  # every replica skipped, none applied Inf
+    assert r["iterations"] == [1, 2] and r["scale"] == 4.0  # the skipped step counted
+    assert r["after_finite"][0] == r["after_finite"][1] and max(r["after_finite"][0]) < 1.0
 
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:  # an overflowing scale, as at the start of a run: every step skips D's update
