@@ -7,6 +7,11 @@ import tensorflow as tf
 from .records import FEATURES, first_record, parse_example, read_manifest, shard_paths, shard_problems
 
 
+def _fold_only(serialized):
+    """A record's fold, without decoding its volume."""
+    return tf.io.parse_single_example(serialized, {"fold": FEATURES["fold"]})
+
+
 def _fold_filter(folds, exclude_folds):
     keep = tf.constant(list(folds), tf.int64) if folds is not None else None
     drop = tf.constant(list(exclude_folds), tf.int64) if exclude_folds else None
@@ -33,8 +38,7 @@ def count_examples(data_dir: str, folds=None, exclude_folds=None) -> int:
     rows = read_manifest(data_dir)
     if rows:
         return count_rows(rows, folds, exclude_folds)
-    ds = tf.data.TFRecordDataset(shard_paths(data_dir)).map(  # the fold alone: no volume decoded
-        lambda x: tf.io.parse_single_example(x, {"fold": FEATURES["fold"]}))
+    ds = tf.data.TFRecordDataset(shard_paths(data_dir)).map(_fold_only)
     return int(ds.filter(_fold_filter(folds, exclude_folds)).reduce(0, lambda n, _: n + 1))
 
 
@@ -107,7 +111,7 @@ def make_dataset(data_dir: str, batch_size: int, size: int | None = None,
         if shuffle:  # blocks of `shuffle` serialised records, each put in a stateless order
             ds = ds.batch(shuffle).flat_map(permute(seed_pair + [0, 1 << 40]))
         if folds is not None or exclude_folds:  # read the fold alone: held-out volumes stay unparsed
-            ds = ds.filter(lambda x: keep(tf.io.parse_single_example(x, {"fold": FEATURES["fold"]})))
+            ds = ds.filter(lambda x: keep(_fold_only(x)))
         return ds.map(lambda x: check(parse_example(x, dtype)), num_parallel_calls=tf.data.AUTOTUNE,
                       deterministic=True)
 

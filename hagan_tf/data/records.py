@@ -100,13 +100,17 @@ def decode_example(serialized: bytes) -> dict:
     return {k: (v.numpy() if hasattr(v, "numpy") else v) for k, v in parse_example(serialized).items()}
 
 
+def join(*parts: str) -> str:
+    """os.path.join, but with "/" for URLs (gs://, hdfs://) whatever the local OS."""
+    return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
+
+
 def files_in(directory: str, pattern: str) -> list[str]:
     """Files of `directory` (local, gs://, hdfs://) whose names match `pattern`. Unlike
     glob(DIR/pattern), brackets or stars in the directory's own name are not a pattern: a
     glob of "runs/a[12]/*" would read or delete the files of runs/a1 and runs/a2."""
     if not tf.io.gfile.isdir(directory):
         return []
-    join = posixpath.join if "://" in directory else os.path.join
     return sorted(join(directory, n.rstrip("/")) for n in tf.io.gfile.listdir(directory)
                   if fnmatch.fnmatchcase(n.rstrip("/"), pattern))
 

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import sys
 import tempfile
 import threading
@@ -37,6 +36,7 @@ import tensorflow as tf  # noqa: E402
 from ..config import HAGANConfig
 from ..data.records import (DEAD_LETTER, MANIFEST, SHARD_PATTERN, SUMMARY, encode_example, files_in,
                             shard_name)
+from ..data.records import join as _join
 from .transform import CT_WINDOW, NIFTI_SUFFIXES, ScanError, preprocess_file, subject_id
 
 TMP_PREFIX = ".tmp-"
@@ -45,10 +45,6 @@ SHARD_BYTES = 256 * 2 ** 20
 MIN_SHARDS = 16  # shards are the unit of parallel work
 log = logging.getLogger("hagan_tf.preprocess")
 gfile = tf.io.gfile
-
-
-def _join(*parts: str) -> str:
-    return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
 
 
 # -- the launcher's plan: inputs, labels, folds, shards ------------------------------------------

@@ -231,10 +231,9 @@ class Predictor:
         # would need ~16x the memory of one, for the same answer.
         batches = {len(v) for k, v in inputs.items() if specs[k].shape.rank}
         n = max(batches, default=0)
-        voxels = servable.sample_voxels[signature]
-        group = max(1, self.run_voxels // voxels) if voxels else max(n, 1)
-        if len(batches) > 1:  # the signature says what is wrong with unequal batches
-            group = max(n, 1)
+        voxels = servable.sample_voxels[signature]  # None: an output without a batch dimension
+        group = (max(1, self.run_voxels // voxels) if voxels and len(batches) == 1
+                 else max(n, 1))  # unequal batches run whole: the signature says what is wrong
         runs = []
         with self._slots:
             for i in range(0, max(n, 1), group):
