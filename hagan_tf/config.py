@@ -31,6 +31,19 @@ class HAGANConfig:
     seed: int = 0
     mixed_precision: str = "float32"  # or "mixed_bfloat16", "mixed_float16"
     jit_compile: bool = False
+    # remedies for mode collapse and small datasets; the paper presets leave them off
+    loss: str = "bce"  # "bce" (the paper's sigmoid cross-entropy) or "hinge"
+    r1_gamma: float = 0.0  # weight of the R1 penalty on D's gradient at real inputs (0: off)
+    augment: str = ""  # DiffAugment of D's real and fake inputs: "translation,cutout,intensity"
+    ema_decay: float = 0.0  # moving average of G's weights, used for sampling and export (0: off)
+    g_norm_groups: int = 8  # GroupNorm groups in G (the paper: 8). With 8 channels to a layer
+    # (width 0.125), 8 groups normalise each channel per sample, which fixes how much of each
+    # tissue a sample holds; fewer groups let samples differ in it
+    lambda_recon: float = 0.0  # G also learns to reproduce real scans from E's codes (0: off)
+    lambda_ms: float = 0.0  # weight of the mode-seeking term on G (MSGAN; 0: off)
+    minibatch_std: bool = False  # D^H and D^L also see the batch's feature spread (ProGAN)
+    diversity_every: int = 500  # steps between collapse checks (TensorBoard diversity/*; 0: off)
+    collapse_threshold: float = 0.5  # warn when sample diversity / real diversity falls below
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 10
@@ -60,6 +73,18 @@ class HAGANConfig:
             raise ValueError("latent_dim must be >= 1, num_classes >= 0 and width > 0")
         if self.downsample not in ("nearest", "area"):
             raise ValueError(f"downsample must be 'nearest' or 'area', got {self.downsample!r}")
+        if self.g_norm_groups not in (1, 2, 4, 8):  # channel counts are multiples of 8
+            raise ValueError(f"g_norm_groups must be 1, 2, 4 or 8, got {self.g_norm_groups}")
+        if self.loss not in ("bce", "hinge"):
+            raise ValueError(f"loss must be 'bce' or 'hinge', got {self.loss!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if min(self.r1_gamma, self.lambda_recon, self.lambda_ms, self.diversity_every, self.collapse_threshold) < 0:
+            raise ValueError("r1_gamma, lambda_recon, lambda_ms, diversity_every and collapse_threshold "
+                             "must be >= 0")
+        from .diffaugment import parse_ops
+
+        parse_ops(self.augment)
         if self.mixed_precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
             raise ValueError(f"unknown mixed_precision policy {self.mixed_precision!r}")
 

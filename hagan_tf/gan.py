@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from . import diffaugment
 from .config import HAGANConfig
 from .layers import SERIAL_PACKAGE, depth_slab
 from .models import Discriminator, Encoder, Generator, checked_labels
@@ -15,6 +16,9 @@ from .optimizers import Adam, LossScaleOptimizer
 # ----------------------------------------------------------------------------------------
 # Training: one iteration = the four updates of the paper, in order (architecture doc).
 # ----------------------------------------------------------------------------------------
+
+DRAWS = ("crop", "z_d", "z_g")  # an iteration's random draws a batch may carry (train_step)
+
 
 def _replica():
     ctx = tf.distribute.get_replica_context()
@@ -130,12 +134,22 @@ class _Training:
             return {k: tf.identity(v) for k, v in out.items()}
 
     # -- the four updates; each takes the batch pieces and returns its logged values --
-    def d_update(self, real_slab, real_low, labels, crop, step, global_b):
+    def d_update(self, real_slab, real_low, labels, crop, z, global_b, aug_seed=None):
         cfg = self.config_
-        z = self.draw_z(step, tf.shape(real_slab)[0], stream=0)
         fake_slab, fake_low = self.generator(z, labels=labels, crop=crop)
+        real_slab, real_low = self._augmented(real_slab, real_low, aug_seed, 0)
+        fake_slab, fake_low = self._augmented(fake_slab, fake_low, aug_seed, 1)
         with tf.GradientTape() as tape:
-            d_real = self.discriminator(real_slab, real_low, crop, training=True)
+            if cfg.r1_gamma:
+                with tf.GradientTape(watch_accessed_variables=False) as inner:
+                    inner.watch([real_slab, real_low])
+                    d_real = self.discriminator(real_slab, real_low, crop, training=True)
+                    logit = d_real[0] if cfg.num_classes else d_real
+                    total = tf.reduce_sum(tf.cast(logit, tf.float32))
+                grads = inner.gradient(total, [real_slab, real_low])
+                r1 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
+            else:
+                d_real = self.discriminator(real_slab, real_low, crop, training=True)
             d_fake = self.discriminator(fake_slab, fake_low, crop, training=True)
             out = {}
             if cfg.num_classes:
@@ -144,27 +158,97 @@ class _Training:
                 out["d_accuracy"] = tf.reduce_mean(tf.cast(
                     tf.equal(tf.argmax(c_real, -1, output_type=tf.int32), tf.cast(labels, tf.int32)),
                     tf.float32))
-            out["d_real"] = _bce_sum(d_real, 1.0) / global_b
-            out["d_fake"] = _bce_sum(d_fake, 0.0) / global_b
+            out["d_real"] = self._d_loss_sum(d_real, real=True) / global_b
+            out["d_fake"] = self._d_loss_sum(d_fake, real=False) / global_b
             loss = out["d_real"] + out["d_fake"] + out.get("d_class", 0.0)
+            if cfg.r1_gamma:
+                out["d_r1"] = 0.5 * cfg.r1_gamma * r1 / global_b
+                loss = loss + out["d_r1"]
             scaled = self.d_optimizer.scale_loss(loss)
         out["d_loss"] = loss
         return self._apply(self.d_optimizer, tape, scaled, self.discriminator.trainable_variables, out)
 
-    def g_update(self, labels, crop, step, local_b, global_b):
+    def g_update(self, labels, crop, z, global_b, aug_seed=None, real=None):
+        """`real` = (volume, real slab, real X^L) adds config.lambda_recon times the L1 of
+        G(E(x)) against x, with E fixed: G must then reproduce every training scan, which a
+        generator that ignores z cannot (a mode-regularised GAN, Che et al. 2017)."""
         cfg = self.config_
-        z = self.draw_z(step, local_b, stream=1)
+        z_hat = None
+        if real is not None and cfg.lambda_recon:
+            z_hat = tf.stop_gradient(self.encoder(real[0]))
         with tf.GradientTape() as tape:
             fake_slab, fake_low = self.generator(z, labels=labels, crop=crop, training=True)
+            fake_slab, fake_low = self._augmented(fake_slab, fake_low, aug_seed, 2)
             d_fake = self.discriminator(fake_slab, fake_low, crop, training=True)
             out = {}
             if cfg.num_classes:
                 d_fake, c_fake = d_fake
                 out["g_class"] = _ce_sum(c_fake, labels) / global_b
-            loss = _bce_sum(d_fake, 1.0) / global_b + cfg.lambda_class * out.get("g_class", 0.0)
+            adversarial = (_bce_sum(d_fake, 1.0) if cfg.loss == "bce"
+                           else -tf.reduce_sum(tf.cast(d_fake, tf.float32)))
+            loss = adversarial / global_b + cfg.lambda_class * out.get("g_class", 0.0)
+            if cfg.lambda_ms:
+                out["g_ms"] = self._mode_seeking(z, fake_low)
+                loss = loss + cfg.lambda_ms * out["g_ms"]
+            if z_hat is not None:
+                slab, low = self.generator(z_hat, labels=labels, crop=crop, training=True)
+                out["g_recon"] = (_l1_sum_per_example(slab, real[1])
+                                  + _l1_sum_per_example(low, real[2])) / (2.0 * global_b)
+                loss = loss + cfg.lambda_recon * out["g_recon"]
             scaled = self.g_optimizer.scale_loss(loss)
         out["g_loss"] = loss
-        return self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables, out)
+        out = self._apply(self.g_optimizer, tape, scaled, self.generator.trainable_variables, out)
+        if self.ema is None:
+            return out
+        with tf.control_dependencies(list(out.values())):
+            return self._update_ema(out)
+
+    @staticmethod
+    def _mode_seeking(z, low):
+        """Mode-seeking term (MSGAN, Mao et al. 2019): 1 / (|X^L_i - X^L_j| / |z_i - z_j|) over
+        neighbouring pairs of the batch, so a G whose output ignores z pays for it. On X^L,
+        the whole volume at S/4, where the anatomy's variation is, not the slab's texture."""
+        low = tf.cast(low, tf.float32)
+        n = tf.shape(low)[0]
+        d_out = tf.reduce_mean(tf.abs(low - tf.roll(low, 1, 0)), axis=[1, 2, 3, 4])
+        d_z = tf.reduce_mean(tf.abs(z - tf.roll(z, 1, 0)), axis=1)
+        term = tf.reduce_mean(1.0 / (d_out / (d_z + 1e-8) + 1e-5))
+        return tf.where(n > 1, term, 0.0)  # one sample per replica has no pair
+
+    def _d_loss_sum(self, logits, real: bool):
+        """D's loss on a batch of logits, summed: BCE (the paper) or hinge."""
+        if self.config_.loss == "bce":
+            return _bce_sum(logits, 1.0 if real else 0.0)
+        logits = tf.cast(logits, tf.float32)
+        return tf.reduce_sum(tf.nn.relu(1.0 - logits if real else 1.0 + logits))
+
+    def _augmented(self, slab, low, seed, call: int):
+        """DiffAugment of one D input pair (config.augment); a fresh draw for each call."""
+        if not self.augment_ops or seed is None:
+            return slab, low
+        seed = seed + tf.constant([0, 10 * call], seed.dtype)
+        return (diffaugment.augment(slab, self.augment_ops, seed),
+                diffaugment.augment(low, self.augment_ops, seed + tf.constant([0, 5], seed.dtype)))
+
+    def _update_ema(self, out):
+        """ema <- d * ema + (1 - d) * G, with d = min(ema_decay, (1 + t) / (10 + t)) so the
+        average forgets the random initialisation early on (t: G's update count). Returns `out`
+        made to wait for it."""
+        t = tf.cast(self.g_optimizer.iterations, tf.float32)
+        decay = tf.minimum(self.config_.ema_decay, (1.0 + t) / (10.0 + t))
+
+        def update(strategy):
+            ops = []
+            for e, g in zip(self.ema.weights, self.generator.weights):
+                ops += strategy.extended.update(
+                    e.value, lambda e_, g_: e_.assign(decay * e_ + (1.0 - decay) * g_), args=(g.value,),
+                    group=False)
+            return ops
+
+        ctx = tf.distribute.get_replica_context()
+        ops = ctx.merge_call(update) if ctx is not None else update(tf.distribute.get_strategy())
+        with tf.control_dependencies(tf.nest.flatten(ops)):
+            return {k: tf.identity(v) for k, v in out.items()}
 
     def eh_update(self, real_slab, global_b):
         variables = self.encoder.high_res.trainable_variables
@@ -215,24 +299,42 @@ class _Training:
         return function
 
     def train_step(self, data):
+        """One iteration on a batch: a volume tensor, or a dict with "volume" (and "label").
+
+        The dict may also carry the iteration's random draws, which are otherwise drawn from
+        (config.seed, step): "crop" ([B] int, all equal: r), "z_d" and "z_g" ([B, latent]: the
+        z of the D and of the G update; the E^G update draws none). Any reference, or an
+        experiment, can then be replayed exactly: `gan.train_on_batch({"volume": x, "crop":
+        [8, 8], "z_d": z1, "z_g": z2})`. An r that is not a multiple of 4 reproduces the
+        reference's misalignment (real slab at r, fake slab at 4 * (r // 4)).
+        """
         data = keras.utils.unpack_x_y_sample_weight(data)[0]  # train_on_batch packs (x, y, w)
         volume = data["volume"] if isinstance(data, dict) else data
         labels = data.get("label") if isinstance(data, dict) and self.config_.num_classes else None
+        draws = {k: data[k] for k in DRAWS if isinstance(data, dict) and k in data}
         # Nothing of the iteration may run before its batch exists: the G update reads no data,
         # and in one flat function it would otherwise run even when get_next() ends the epoch.
         with tf.control_dependencies([volume] + ([labels] if labels is not None else [])):
-            return self._iteration(tf.cast(volume, self.compute_dtype), labels)
+            return self._iteration(tf.cast(volume, self.compute_dtype), labels, draws)
 
-    def _iteration(self, volume, labels):
+    def _iteration(self, volume, labels, draws=None):
+        draws = draws or {}
         step = self.step
         _, replicas = _replica()
         local_b = tf.shape(volume)[0]
         global_b = tf.cast(local_b * replicas, tf.float32)
-        crop = self.draw_crop(step)
+        crop = (tf.cast(tf.reshape(draws["crop"], [-1])[0], tf.int32) if "crop" in draws
+                else self.draw_crop(step))
+        z_d, z_g = (tf.cast(draws[k], tf.float32) if k in draws else self.draw_z(step, local_b, i)
+                    for i, k in enumerate(("z_d", "z_g")))
         real_slab = self.real_slab(volume, crop)
         real_low = self.real_low_res(volume)
-        updates = (lambda: self.d_update(real_slab, real_low, labels, crop, step, global_b),
-                   lambda: self.g_update(labels, crop, step, local_b, global_b),
+        rid, _ = _replica()
+        aug_seed = tf.stack([tf.cast(self.config_.seed, tf.int32) * 7919 + tf.cast(rid, tf.int32),
+                             tf.cast(step, tf.int32) * 64])  # DiffAugment's (config.augment)
+        updates = (lambda: self.d_update(real_slab, real_low, labels, crop, z_d, global_b, aug_seed),
+                   lambda: self.g_update(labels, crop, z_g, global_b, aug_seed,
+                                         (volume, real_slab, real_low)),
                    lambda: self.eh_update(real_slab, global_b),
                    lambda: self.eg_update(volume, real_slab, real_low, labels, crop, global_b))
         logs = {}
@@ -257,7 +359,21 @@ class HAGAN(_Training, keras.Model):
         self.generator = Generator(self.config_)
         self.discriminator = Discriminator(self.config_)
         self.encoder = Encoder(self.config_)
+        self.augment_ops = diffaugment.parse_ops(self.config_.augment)
+        self.ema = None  # G's moving average (config.ema_decay), which load_hagan samples with
+        if self.config_.ema_decay:
+            self.ema = Generator(self.config_, name="ema_generator")
+            self.ema.trainable = False
+            self.ema.set_weights(self.generator.get_weights())
         self.built = True
+
+    def use_ema(self) -> bool:
+        """Put the moving average's weights into the generator, for sampling, evaluation and
+        export (load_hagan does this); False when the model keeps none."""
+        if self.ema is None:
+            return False
+        self.generator.set_weights(self.ema.get_weights())
+        return True
 
     def get_config(self):
         return {"config": self.config_.to_dict(), "name": self.name}

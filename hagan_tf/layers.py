@@ -480,8 +480,8 @@ class GroupNorm(layers.GroupNormalization):
                              self.groups, self.epsilon)
 
 
-def group_norm(name=None):
-    return GroupNorm(groups=GN_GROUPS, epsilon=GN_EPSILON, name=name)
+def group_norm(name=None, groups=GN_GROUPS):
+    return GroupNorm(groups=groups, epsilon=GN_EPSILON, name=name)
 
 
 # Nearest x2 upsampling followed by a 'same' 3^3 convolution reads, for each output parity p
@@ -553,14 +553,14 @@ class ConvBlock(layers.Layer):
     """
 
     def __init__(self, filters, kernel_size=3, strides=1, padding="same", upsample=False,
-                 post="gn_relu", **kwargs):
+                 post="gn_relu", groups=GN_GROUPS, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.strides = filters, kernel_size, strides
-        self.padding, self.upsample, self.post = padding, upsample, post
+        self.padding, self.upsample, self.post, self.groups = padding, upsample, post, groups
         if upsample and (kernel_size != 3 or strides != 1 or padding != "same"):
             raise ValueError("upsampling blocks are 3^3, stride 1, 'same' convolutions")
         self.conv = Conv3D(filters, kernel_size, strides=strides, padding=padding, name="conv")
-        self.norm = group_norm("norm") if post == "gn_relu" else None
+        self.norm = group_norm("norm", min(groups, filters)) if post == "gn_relu" else None
 
     def build(self, input_shape):
         shape = tuple(input_shape)
@@ -586,7 +586,23 @@ class ConvBlock(layers.Layer):
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "strides": self.strides, "padding": self.padding, "upsample": self.upsample,
-                "post": self.post}
+                "post": self.post, "groups": self.groups}
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class MinibatchStd(layers.Layer):
+    """Appends one channel: the spread of the features across the batch (ProGAN's minibatch
+    standard deviation). A D that sees it can tell a batch of one repeated sample from a
+    varied real batch, which makes a generator that ignores z lose."""
+
+    def call(self, x):
+        xf = tf.cast(x, tf.float32)
+        std = tf.sqrt(tf.math.reduce_variance(xf, axis=0) + 1e-8)  # [D, H, W, C]
+        spread = tf.cast(tf.reduce_mean(std), x.dtype)
+        return tf.concat([x, tf.ones_like(x[..., :1]) * spread], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (input_shape[-1] + 1,)
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)

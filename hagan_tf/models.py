@@ -20,7 +20,8 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import HAGANConfig
-from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, SNConvLeaky, SNDense, depth_slab, leaky_relu
+from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, MinibatchStd, SNConvLeaky, SNDense,
+                     depth_slab, leaky_relu)
 
 # G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
 COMMON_CHANNELS = (512, 512, 256, 128, 64)
@@ -54,6 +55,11 @@ def _stride2_channels(n: int, last: int) -> list[int]:
     return [last // 2 ** (n - 1 - i) for i in range(n)]
 
 
+def _minibatch_std(cfg: HAGANConfig) -> list:
+    """The layer D^H and D^L put before their last convolution when config.minibatch_std."""
+    return [MinibatchStd(name="minibatch_std")] if cfg.minibatch_std else []
+
+
 def _log2(x: int) -> int:
     return int(round(math.log2(x)))
 
@@ -82,9 +88,10 @@ class Generator(_Network):
         ch = cfg.channels
         n_up = _log2(cfg.size // 16)
         c0 = ch(COMMON_CHANNELS[0])
+        groups = cfg.g_norm_groups
         blocks = [
             ConvBlock(ch(c), upsample=min(1, len(COMMON_CHANNELS) - n_up) <= i <= n_up,
-                      name=f"block{i + 1}")
+                      groups=groups, name=f"block{i + 1}")
             for i, c in enumerate(COMMON_CHANNELS)
         ]
         if n_up > len(COMMON_CHANNELS):
@@ -96,11 +103,13 @@ class Generator(_Network):
         a_ch = ch(COMMON_CHANNELS[-1])
         self.feature_channels = a_ch
         self.low_res_head = keras.Sequential(
-            [keras.Input((None, None, None, a_ch)), ConvBlock(ch(32), name="block1"),
-             ConvBlock(ch(16), name="block2"), ConvBlock(1, post="tanh", name="block3")],
+            [keras.Input((None, None, None, a_ch)), ConvBlock(ch(32), groups=groups, name="block1"),
+             ConvBlock(ch(16), groups=groups, name="block2"),
+             ConvBlock(1, post="tanh", name="block3")],
             name="low_res_head")
         self.high_res_head = keras.Sequential(
-            [keras.Input((None, None, None, a_ch)), ConvBlock(ch(32), upsample=True, name="block1"),
+            [keras.Input((None, None, None, a_ch)),
+             ConvBlock(ch(32), upsample=True, groups=groups, name="block1"),
              ConvBlock(1, upsample=True, post="tanh", name="block2")],
             name="high_res_head")
         self.built = True
@@ -155,6 +164,7 @@ class HighResDiscriminator(_Network):
             SNConvLeaky(ch(128), (2, 4, 4), 2, name="conv_a"),
             SNConvLeaky(ch(256), (2, 4, 4), 2, name="conv_b"),
             SNConvLeaky(ch(512), (1, 4, 4), (1, 2, 2), name="conv_c"),
+        ] + _minibatch_std(cfg) + [
             SNConvLeaky(ch(128), (1, 4, 4), 1, padding="valid", name="conv_d"),
         ]
         self.convs = keras.Sequential(
@@ -190,6 +200,7 @@ class LowResDiscriminator(_Network):
         ch = cfg.channels
         convs = [SNConvLeaky(ch(c), 4, 2, name=f"conv{i}")
                  for i, c in enumerate(_stride2_channels(_log2(cfg.size // 16), 256))]
+        convs += _minibatch_std(cfg)
         convs.append(SNConvLeaky(1 + cfg.num_classes, 4, 1, padding="valid", activate=False,
                                  name="conv_out"))
         self.convs = keras.Sequential(

@@ -16,17 +16,19 @@ import numpy as np
 
 
 def write_scans(out_dir: str, n: int, seed: int = 0) -> list[str]:
-    """Chest-CT-like NIfTI scans in HU (int16, 0.8 x 0.8 x 1.5 mm), plus one corrupt file."""
+    """Chest-CT-like NIfTI scans in HU (int16, 0.8 x 0.8 x 1.5 mm; the thorax phantoms of
+    benchmarks/fidelity.py, whose body, lung, heart, bone and emphysema vary by subject),
+    plus one corrupt file."""
     import nibabel as nib
 
-    from .data.synthetic import phantom_hu
+    from .data.synthetic import thorax_hu
 
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
         shape = (int(rng.integers(44, 56)), int(rng.integers(44, 56)), int(rng.integers(36, 48)))
-        hu = phantom_hu(shape[::-1], float(rng.uniform(0.5, 1.0)), rng).transpose(2, 1, 0)
+        hu = thorax_hu(shape[::-1], rng)[0].transpose(2, 1, 0)
         img = nib.Nifti1Image(np.round(hu).astype(np.int16), np.diag([0.8, 0.8, 1.5, 1.0]))
         paths.append(os.path.join(out_dir, f"subject{i:03d}.nii.gz"))
         nib.save(img, paths[-1])
@@ -51,8 +53,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="hagan-quickstart", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="quickstart", help="directory for everything it writes")
-    p.add_argument("--scans", type=int, default=24, help="synthetic scans to generate")
-    p.add_argument("--steps", type=int, default=20, help="training iterations")
+    p.add_argument("--scans", type=int, default=64, help="synthetic scans to generate")
+    p.add_argument("--steps", type=int, default=1000,
+                   help="training iterations (1000: about 3 minutes on 2 cores, enough for "
+                        "varied lungs, body and spine)")
     p.add_argument("--overwrite", action="store_true", help="start from an empty --out")
     args = p.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -65,8 +65,9 @@ def save_model(run_dir: str, model, step: int = 0) -> str:
     return checkpoint_manager(run_dir, ckpt, keep=3).save(checkpoint_number=step)
 
 
-def load_hagan(run_dir: str, step: int | None = None):
-    """(HAGAN with the weights of `step` or the latest checkpoint, its step)."""
+def load_hagan(run_dir: str, step: int | None = None, ema: bool = True):
+    """(HAGAN with the weights of `step` or the latest checkpoint, its step). With `ema` (the
+    default) a run that keeps a moving average of G (config.ema_decay) generates with it."""
     from .gan import HAGAN
 
     config = read_config(run_dir)
@@ -78,4 +79,6 @@ def load_hagan(run_dir: str, step: int | None = None):
     except (IndexError, tf.errors.OpError) as e:  # a data file cut short raises IndexError
         raise ValueError(f"checkpoint {path} is unreadable (a partial copy of the run "
                          f"directory?): {getattr(e, 'message', None) or e}") from None
+    if ema:
+        model.use_ema()
     return model, int(step_var.numpy())

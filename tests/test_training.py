@@ -50,8 +50,8 @@ def test_each_update_changes_only_its_own_variables(data, classes):
     opts = {"G": gan.g_optimizer, "D": gan.d_optimizer, "E^H": gan.eh_optimizer,
             "E^G": gan.eg_optimizer}
     updates = {
-        "D": lambda: gan.d_update(slab, low, labels, crop, 0, 2.0),
-        "G": lambda: gan.g_update(labels, crop, 0, 2, 2.0),
+        "D": lambda: gan.d_update(slab, low, labels, crop, gan.draw_z(0, 2, 0), 2.0),
+        "G": lambda: gan.g_update(labels, crop, gan.draw_z(0, 2, 1), 2.0),
         "E^H": lambda: gan.eh_update(slab, 2.0),
         "E^G": lambda: gan.eg_update(volume, slab, low, labels, crop, 2.0),
     }

@@ -159,6 +159,75 @@ class Monitor(keras.callbacks.Callback):
             self.writer.flush()
 
 
+def _remedies(cfg) -> str:
+    """The collapse remedies this run does not use yet, as --set options."""
+    off = [(not cfg.minibatch_std, "minibatch_std=true"), (cfg.loss != "hinge", "loss=hinge"),
+           (not cfg.ema_decay, "ema_decay=0.995"), (not cfg.augment, "augment=translation,cutout"),
+           (not cfg.r1_gamma, "r1_gamma=1"), (not cfg.lambda_recon, "lambda_recon=1"),
+           (cfg.batch_size < 8, "batch_size=8")]
+    names = [f"--set {o}" for cond, o in off if cond]
+    return ("Remedies: " + ", ".join(names) + " (README, 'Training that learns')" if names else
+            "See README, 'Training that learns'")
+
+
+class CollapseDetector(keras.callbacks.Callback):
+    """Mode-collapse check: every `every` steps, the diversity (mean pairwise L1) of X^L for a
+    fixed set of latents, against that of the real volumes' X^L, to TensorBoard as
+    diversity/samples, diversity/real and diversity/ratio. Warns once, with the step, when
+    the ratio stays below `threshold` for `patience` checks in a row (early in training one
+    check below it is common and passes).
+
+    X^L (G^L on G^A's features, S/4 per side) is what z shapes: G^H only decodes A locally,
+    so a G whose A ignores z has a collapsed X^L, and it costs a fraction of a full volume
+    at any S. The moving average of G (config.ema_decay) is checked when there is one: it is
+    what sampling and export use.
+    """
+
+    def __init__(self, real_low_res, every: int, threshold: float, writer=None, n: int = 8,
+                 seed: int = 0, labels=None, patience: int = 2):
+        super().__init__()
+        from ..evaluation.metrics import mean_pairwise_l1
+
+        self.diversity = mean_pairwise_l1
+        self.real = float(mean_pairwise_l1(np.asarray(real_low_res)))
+        self.every, self.threshold, self.writer = every, threshold, writer
+        self.n, self.seed, self.labels = n, seed, labels
+        self.patience, self.below = patience, 0  # checks in a row below the threshold
+        self.warned_at: int | None = None
+        self.last: dict | None = None
+
+    def check(self, step: int) -> dict:
+        """Measure now; returns {'samples', 'real', 'ratio'} and warns on the first collapse."""
+        gan = self.model
+        cfg = gan.config_
+        z = tf.random.stateless_normal((self.n, cfg.latent_dim), [self.seed, 11])
+        labels = None
+        if cfg.num_classes:
+            labels = self.labels if self.labels is not None else np.arange(self.n) % cfg.num_classes
+        generator = gan.ema if getattr(gan, "ema", None) is not None else gan.generator
+        samples = np.asarray(generator.preview(z, labels), np.float32)
+        d = self.diversity(samples)
+        self.last = {"samples": d, "real": self.real, "ratio": d / max(self.real, 1e-12)}
+        if self.writer is not None:
+            with self.writer.as_default(step=step):
+                for k, v in self.last.items():
+                    tf.summary.scalar(f"diversity/{k}", v)
+        self.below = self.below + 1 if self.last["ratio"] < self.threshold else 0
+        if self.below >= self.patience and self.warned_at is None:
+            self.warned_at = step
+            print(f"hagan-train: warning: step {step}: the samples are collapsing: their "
+                  f"diversity (mean pairwise L1 of X^L) is {d:.4f}, {self.last['ratio']:.2f}x "
+                  f"the real volumes' {self.real:.4f} (below {self.threshold} at "
+                  f"{self.patience} checks in a row). {_remedies(cfg)}", file=sys.stderr,
+                  flush=True)
+        return self.last
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(self.model.step.numpy())
+        if self.every and step % self.every == 0:
+            self.check(step)
+
+
 class StopOnSignal(keras.callbacks.Callback):
     """Ctrl-C or SIGTERM (preemption, `scancel`, `docker stop`) ends fit() after the running
     step, so that the Checkpointer saves it on the way out instead of losing up to

@@ -14,18 +14,22 @@ limit_heap_growth()  # before TensorFlow starts its threads
 import_tensorflow_lean()
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
 from ..config import HAGANConfig  # noqa: E402
 from ..data.pipeline import check_records, count_examples, count_rows, make_dataset  # noqa: E402
 from ..data.records import first_record, read_manifest, unreadable_shards  # noqa: E402
-from .callbacks import Checkpointer, Monitor, Profiler, StopOnSignal  # noqa: E402
+from .callbacks import (Checkpointer, CollapseDetector, Monitor, Profiler,  # noqa: E402
+                        StopOnSignal)
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
-RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every"}
+RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
+             "diversity_every", "collapse_threshold"}
 # ... and the remedies for a run that diverged (a NaN stop), which change how it goes on.
-TUNABLE = {"lr_g", "lr_d", "lr_eh", "lr_eg", "beta_2", "lambda_class", "seed"}
+TUNABLE = {"lr_g", "lr_d", "lr_eh", "lr_eg", "beta_2", "lambda_class", "seed", "r1_gamma", "augment",
+           "lambda_recon", "lambda_ms"}
 
 
 def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
@@ -239,10 +243,15 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
               "replica(s)")
 
     ds = training_input(strategy, data_dir, config, start)
-    sample = next(iter(make_dataset(data_dir, 1, size=config.size, repeat=False, shuffle=0)))
+    reals = list(make_dataset(data_dir, 1, size=config.size, repeat=False, shuffle=0).take(8))
     monitor = Monitor(os.path.join(run_dir, rundir.TENSORBOARD) if chief else None,
-                      config.max_steps, config.log_every, config.image_every, sample_batch=sample,
+                      config.max_steps, config.log_every, config.image_every, sample_batch=reals[0],
                       progress=progress and chief)
+    detector = None
+    if chief and config.diversity_every and len(reals) > 1:  # X^L of up to 8 real volumes
+        low = np.concatenate([gan.real_low_res(r["volume"]).numpy() for r in reals])
+        detector = CollapseDetector(low, config.diversity_every, config.collapse_threshold,
+                                    writer=monitor.writer, seed=config.seed)
     checkpointer = Checkpointer(saver, step_var, config.checkpoint_every, guard=monitor,
                                 scratch=scratch)
     several_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -250,7 +259,8 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
     with stopper or contextlib.nullcontext():
         try:
             gan.fit(ds, epochs=1, steps_per_epoch=config.max_steps - start, shuffle=False,  # ds shuffles
-                    callbacks=[c for c in (profiler if chief else None, monitor, checkpointer, stopper) if c],
+                    callbacks=[c for c in (profiler if chief else None, monitor, detector, checkpointer,
+                                          stopper) if c],
                     verbose=0)
         except tf.errors.DataLossError as e:  # a CRC failure: check_records reads headers only
             step = int(gan.step.numpy())
