@@ -173,17 +173,21 @@ def _onednn_on() -> bool:
         return False
 
 
-def _rewrite_convs() -> bool:
+def _rewrite_convs(dtype=None) -> bool:
     """Whether conv3d and upsample_conv3d rewrite TF's convolutions (below). The rewrites are
     for the Eigen CPU kernels TF uses without oneDNN. cuDNN's and oneDNN's own gradients are
     faster: at 128^3 an H100 ran 0.044 s per iteration with them, 0.082 s with the rewrites,
     and two AMX Xeon cores in mixed bfloat16 3.75 s against 8.02 s (benchmarks/RESULTS.md).
+    But on an AVX-512 BF16 EPYC (TF 2.21) oneDNN's bfloat16 Conv3DBackpropFilter returned NaN
+    for E^H's 3^3 conv on a 2-deep slab, so bfloat16 convolutions on a oneDNN CPU are rewritten.
     HAGAN_CONV_REWRITES=1/0 forces the choice (for benchmarks); it is read when a step is traced.
     """
     forced = os.environ.get(CONV_REWRITES_ENV, "").strip()
     if forced in ("0", "1"):
         return forced == "1"
-    return not tf.config.list_logical_devices("GPU") and not _onednn_on()
+    if tf.config.list_logical_devices("GPU"):
+        return False
+    return not _onednn_on() or dtype == tf.bfloat16
 
 
 def conv3d(x, kernel, strides=1, padding="SAME"):
@@ -198,7 +202,7 @@ def conv3d(x, kernel, strides=1, padding="SAME"):
     turned into a stride-1 one on the space-to-depth input (exact), so it gets them too.
     """
     padding = padding.upper()
-    if not _rewrite_convs():
+    if not _rewrite_convs(tf.as_dtype(x.dtype)):
         return tf.nn.conv3d(x, kernel, [1, strides, strides, strides, 1], padding)
     x, kernel = tf.convert_to_tensor(x), tf.convert_to_tensor(kernel)  # read variables here
     k = kernel.shape[:3]
@@ -571,7 +575,7 @@ class ConvBlock(layers.Layer):
             self.norm.build(self.conv.compute_output_shape(shape))
 
     def call(self, x):
-        if self.upsample and (_weights_dominate(x) or not _rewrite_convs()):
+        if self.upsample and (_weights_dominate(x) or not _rewrite_convs(tf.as_dtype(x.dtype))):
             x = self.conv(upsample_nearest(x))
         elif self.upsample:
             x = upsample_conv3d(x, self.conv.kernel) + self.conv.bias

@@ -308,6 +308,7 @@ def test_conv_rewrites_follow_the_device_unless_forced(monkeypatch):
     assert _rewrite_convs() is True  # Eigen's CPU kernels: the tests see no GPU
     monkeypatch.setattr(L, "_onednn_on", lambda: True)
     assert _rewrite_convs() is False  # oneDNN's kernels and gradients
+    assert _rewrite_convs(tf.bfloat16) is True  # oneDNN's bfloat16 filter gradient gave NaN
     monkeypatch.setenv(CONV_REWRITES_ENV, "0")
     assert _rewrite_convs() is False
     monkeypatch.setenv(CONV_REWRITES_ENV, "1")

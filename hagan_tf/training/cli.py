@@ -177,6 +177,18 @@ def training_input(strategy: tf.distribute.Strategy, data_dir: str, config: HAGA
     return strategy.distribute_datasets_from_function(inputs)
 
 
+def _first_volumes(data_dir: str, size: int, n: int) -> list:
+    """Up to n records for images and the collapse check, in file order. A record that fails
+    its checksum ends the list: training meets it too, and names the shard then."""
+    reals = []
+    try:
+        for r in make_dataset(data_dir, 1, size=size, repeat=False, shuffle=0).take(n):
+            reals.append(r)
+    except tf.errors.DataLossError:
+        pass
+    return reals
+
+
 def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
           progress: bool = True, verbose: bool = True, handle_signals: bool = False,
           profile_steps: tuple[int, int] | None = None) -> dict:
@@ -243,9 +255,10 @@ def train(config: HAGANConfig, data_dir: str, run_dir: str, strategy=None,
               "replica(s)")
 
     ds = training_input(strategy, data_dir, config, start)
-    reals = list(make_dataset(data_dir, 1, size=config.size, repeat=False, shuffle=0).take(8))
+    reals = _first_volumes(data_dir, config.size, 8)
     monitor = Monitor(os.path.join(run_dir, rundir.TENSORBOARD) if chief else None,
-                      config.max_steps, config.log_every, config.image_every, sample_batch=reals[0],
+                      config.max_steps, config.log_every, config.image_every,
+                      sample_batch=reals[0] if reals else None,
                       progress=progress and chief)
     detector = None
     if chief and config.diversity_every and len(reals) > 1:  # X^L of up to 8 real volumes
