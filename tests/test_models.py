@@ -277,7 +277,7 @@ def test_with_a_gpu_visible_conv_blocks_use_tf_own_convolutions(monkeypatch):
     x = tf.random.stateless_normal((2, 8, 8, 8, 3), [4, 2])
 
     def run(rewrite):
-        monkeypatch.setattr(L, "_rewrite_convs", lambda: rewrite)
+        monkeypatch.setattr(L, "_rewrite_convs", lambda dtype=None: rewrite)
 
         @tf.function
         def f(x):
