@@ -320,7 +320,7 @@ class _Training:
     def _iteration(self, volume, labels, draws=None):
         draws = draws or {}
         step = self.step
-        _, replicas = _replica()
+        rid, replicas = _replica()
         local_b = tf.shape(volume)[0]
         global_b = tf.cast(local_b * replicas, tf.float32)
         crop = (tf.cast(tf.reshape(draws["crop"], [-1])[0], tf.int32) if "crop" in draws
@@ -329,7 +329,6 @@ class _Training:
                     for i, k in enumerate(("z_d", "z_g")))
         real_slab = self.real_slab(volume, crop)
         real_low = self.real_low_res(volume)
-        rid, _ = _replica()
         aug_seed = tf.stack([tf.cast(self.config_.seed, tf.int32) * 7919 + tf.cast(rid, tf.int32),
                              tf.cast(step, tf.int32) * 64])  # DiffAugment's (config.augment)
         updates = (lambda: self.d_update(real_slab, real_low, labels, crop, z_d, global_b, aug_seed),

@@ -36,6 +36,8 @@ import os
 import numpy as np
 from scipy import ndimage
 
+from .metrics import _volume
+
 WINDOW = (-1024.0, 600.0)
 THRESHOLDS_HU = {"body": -500.0, "emphysema": -950.0, "bone": 250.0}
 FACTORS = ("body", "lung", "bone", "emphysema")
@@ -51,15 +53,6 @@ def hu_to_unit(hu, window=WINDOW):
 def unit_to_hu(v, window=WINDOW):
     low, high = window
     return (np.asarray(v, np.float32) + 1.0) * np.float32((high - low) / 2.0) + np.float32(low)
-
-
-def _volume(v) -> np.ndarray:
-    v = np.asarray(v, np.float32)
-    if v.ndim == 4 and v.shape[-1] == 1:
-        v = v[..., 0]
-    if v.ndim != 3:
-        raise ValueError(f"expected a [D, H, W(, 1)] volume, got shape {v.shape}")
-    return v
 
 
 def body_mask(volume) -> np.ndarray:
