@@ -77,6 +77,7 @@ def main(argv=None) -> int:
 
     from .data.records import DEAD_LETTER
     from .evaluation.cli import main as evaluate
+    from .layout import DEFAULT_MODEL_NAME, tensorboard_dir
     from .preprocess.beam import main as preprocess
     from .serving.client import encode_main, sample_main
     from .serving.export import main as export
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
     _step("train", train, ["hagan-train", "--config", "tiny_32", "--data", d["data"], "--out",
                            d["run"], "--max-steps", str(args.steps), "--set", "fold=3"])
     _step("export", export, ["hagan-export", "--run", d["run"], "--model-base", d["models"],
-                             "--name", "hagan"])
+                             "--name", DEFAULT_MODEL_NAME])
     with Server(d["models"], "127.0.0.1", port=0, rest_port=0, poll_seconds=60) as server:
         addr = f"127.0.0.1:{server.port}"
         print(f"\n== serving {d['models']} on gRPC {addr}, REST 127.0.0.1:{server.rest_port}")
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         (os.path.join(d["report"], "report.md"), "the metrics report (+ mds.png, montage.png)"),
         (d["embeddings.csv"], "latent codes of four scans"),
         (os.path.join(d["data"], DEAD_LETTER), "the corrupt input and why it was refused"),
-        (os.path.join(d["run"], "tensorboard"), "tensorboard --logdir " + os.path.join(d["run"], "tensorboard")),
+        (tensorboard_dir(d["run"]), "tensorboard --logdir " + tensorboard_dir(d["run"])),
     ]:
         print(f"  {path:<45} {what}")
     return 0

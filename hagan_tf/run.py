@@ -4,25 +4,21 @@
   RUN_DIR/checkpoints/ckpt-N*  tf.train.Checkpoint: model (+ optimizers, step, RNG in training)
   RUN_DIR/tensorboard/         TensorBoard event files
 
+The names are in `layout` (re-exported here); this module reads and writes the files.
+
 RUN_DIR may be a URL (gs://...): every access goes through tf.io.gfile, so workers on several
 machines can share one run directory.
 """
 
 from __future__ import annotations
 
-import os
-
 import tensorflow as tf
 
 from .config import HAGANConfig
+from .layout import CHECKPOINT_PREFIX, CHECKPOINTS, CONFIG, TENSORBOARD, checkpoints_dir, config_path
 
-CONFIG = "config.yaml"
-CHECKPOINTS = "checkpoints"
-TENSORBOARD = "tensorboard"
-
-
-def config_path(run_dir: str) -> str:
-    return os.path.join(run_dir, CONFIG)
+__all__ = ["CHECKPOINTS", "CONFIG", "TENSORBOARD", "config_path", "read_config", "write_config",
+           "checkpoint_manager", "checkpoint_path", "save_model", "load_hagan"]
 
 
 def read_config(run_dir: str) -> HAGANConfig:
@@ -40,13 +36,13 @@ def write_config(run_dir: str, config: HAGANConfig) -> None:
 
 
 def checkpoint_manager(run_dir: str, checkpoint: tf.train.Checkpoint, keep: int = 3):
-    return tf.train.CheckpointManager(checkpoint, os.path.join(run_dir, CHECKPOINTS),
-                                      max_to_keep=keep, checkpoint_name="ckpt")
+    return tf.train.CheckpointManager(checkpoint, checkpoints_dir(run_dir),
+                                      max_to_keep=keep, checkpoint_name=CHECKPOINT_PREFIX)
 
 
 def checkpoint_path(run_dir: str, step: int | None = None) -> str:
     """Path of the checkpoint at `step` (default: the latest)."""
-    ckpt_dir = os.path.join(run_dir, CHECKPOINTS)
+    ckpt_dir = checkpoints_dir(run_dir)
     if step is None:
         path = tf.train.latest_checkpoint(ckpt_dir)
         if path is None:
@@ -54,7 +50,7 @@ def checkpoint_path(run_dir: str, step: int | None = None) -> str:
         return path
     state = tf.train.get_checkpoint_state(ckpt_dir)
     for path in (state.all_model_checkpoint_paths if state else []):
-        if path.endswith(f"ckpt-{step}"):
+        if path.endswith(f"{CHECKPOINT_PREFIX}-{step}"):
             return path
     raise FileNotFoundError(f"no checkpoint for step {step} in {ckpt_dir!r}")
 

@@ -14,19 +14,10 @@ import numpy as np
 import tensorflow as tf
 
 from .config import HAGANConfig
+from .layout import CONFIG_ASSET, DEFAULT_MODEL_NAME, newest_version
 from .models import checked_labels
 
-CONFIG_ASSET = os.path.join("assets.extra", "hagan_config.yaml")
-
-
-def newest_version(model_base: str, name: str = "hagan") -> str:
-    from .serving.export import versions
-
-    base = os.path.join(model_base, name)
-    found = versions(base)
-    if not found:
-        raise FileNotFoundError(f"no numbered version directory under {base!r}")
-    return os.path.join(base, str(found[-1]))
+__all__ = ["CONFIG_ASSET", "newest_version", "RunModel", "SavedModelSource", "open_model"]
 
 
 def _labels(num_classes: int, n: int, labels) -> np.ndarray | None:
@@ -65,7 +56,7 @@ class RunModel:
 class SavedModelSource:
     """An exported SavedModel (TF Serving layout), called through its signatures."""
 
-    def __init__(self, model_base: str, name: str = "hagan", version: int | None = None):
+    def __init__(self, model_base: str, name: str = DEFAULT_MODEL_NAME, version: int | None = None):
         path = (os.path.join(model_base, name, str(version)) if version is not None
                 else newest_version(model_base, name))
         self.path = path
@@ -94,8 +85,8 @@ class SavedModelSource:
         return self._call("encode", "z", volume=np.asarray(volume, np.float32))
 
 
-def open_model(run: str | None = None, model_base: str | None = None, name: str = "hagan",
-               step: int | None = None, version: int | None = None):
+def open_model(run: str | None = None, model_base: str | None = None,
+               name: str = DEFAULT_MODEL_NAME, step: int | None = None, version: int | None = None):
     if (run is None) == (model_base is None):
         raise ValueError("give exactly one of --run RUN_DIR or --model-base DIR")
     if run is not None:

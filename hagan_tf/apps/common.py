@@ -11,6 +11,8 @@ from collections import Counter
 
 import numpy as np
 
+from ..layout import DEFAULT_MODEL_NAME
+
 SUBJECT = "subject_id"
 Z_COLUMN = re.compile(r"^z(\d+)$")
 
@@ -32,7 +34,8 @@ def add_model_args(parser) -> None:
     src.add_argument("--run", metavar="RUN_DIR", help="run directory written by hagan-train")
     src.add_argument("--model-base", metavar="DIR",
                      help="exported models (DIR/NAME/VERSION) written by hagan-export")
-    parser.add_argument("--name", default="hagan", help="model name under --model-base (default: hagan)")
+    parser.add_argument("--name", default=DEFAULT_MODEL_NAME,
+                        help="model name under --model-base (default: %(default)s)")
     parser.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
     parser.add_argument("--version", type=int, help="version under --model-base (default: the newest)")
 

@@ -20,6 +20,7 @@ import numpy as np
 from ..apps.common import class_counts
 from ..data.records import read_manifest
 from ..io import montage_png
+from ..layout import DEFAULT_MODEL_NAME
 from .features import EXTRACTORS, make_extractor
 from .inception import SliceInceptionScorer, load_inception
 from .metrics import fid, mmd2, ms_ssim_diversity
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="run directory written by hagan-train")
     src.add_argument("--model-base", help="export base directory (DIR/NAME/VERSION)")
-    p.add_argument("--name", default="hagan", help="model name under --model-base")
+    p.add_argument("--name", default=DEFAULT_MODEL_NAME, help="model name under --model-base")
     p.add_argument("--version", type=int, help="export version (default: newest)")
     p.add_argument("--step", type=int, help="checkpoint step of --run (default: latest)")
     p.add_argument("--real", required=True, help="TFRecord directory of preprocessed real volumes")

@@ -7,7 +7,7 @@ APIs (`hagan-serve`), `client` talks to it or to the real TF Serving (`hagan-sam
 
 from __future__ import annotations
 
-DEFAULT_MODEL_NAME = "hagan"
+from ..layout import DEFAULT_MODEL_NAME  # noqa: F401 (the name's home is hagan_tf.layout)
 # gRPC's own ceiling; TF Serving allows the same. A 256^3 float32 volume is 64 MiB.
 MAX_MESSAGE_BYTES = 2**31 - 1
 GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -28,8 +28,7 @@ import uuid
 import tensorflow as tf
 import yaml
 
-from ..source import CONFIG_ASSET
-from . import DEFAULT_MODEL_NAME
+from ..layout import CONFIG_ASSET, DEFAULT_MODEL_NAME, default_version, versions  # noqa: F401 (re-exported)
 
 SEED_RNG_ALG = "philox"  # named, not "auto_select", which may pick another algorithm per device
 
@@ -120,26 +119,6 @@ class ServingModule(tf.Module):
                for name, (fn, sig) in specs.items()}
         out["serving_default"] = out["generate"]
         return out
-
-
-def versions(model_dir: str) -> list[int]:
-    """Numbered version directories under DIR/NAME, ascending."""
-    if not tf.io.gfile.isdir(model_dir):
-        return []
-    names = (v.rstrip("/") for v in tf.io.gfile.listdir(model_dir))
-    return sorted(int(v) for v in names
-                  if v.isdigit() and tf.io.gfile.isdir(os.path.join(model_dir, v)))
-
-
-def default_version(model_dir: str, step: int) -> int:
-    """The run's step when it is newer than every exported version, else the next integer
-    (1 for an untrained run's first export: versions count from 1).
-
-    TF Serving serves the highest number, so a new export must never get a lower one.
-    """
-    existing = versions(model_dir)
-    newest = existing[-1] if existing else 0
-    return step if step > newest else newest + 1
 
 
 def export_model(gan, model_base: str, name: str = DEFAULT_MODEL_NAME, version: int = 1) -> str:
