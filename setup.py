@@ -13,6 +13,8 @@ INSTALL_REQUIRES = [
     "scipy==1.17.1",
     "scikit-learn==1.9.1",
     "nibabel==5.4.2",
+    "SimpleITK==2.5.7",  # NRRD, MetaImage and DICOM pixels (hagan-preprocess, hagan-encode)
+    "pydicom==3.0.2",  # DICOM headers: series discovery and slice checks
     "pyyaml==6.0.3",
     "matplotlib==3.11.2",
     "tqdm==4.70.1",

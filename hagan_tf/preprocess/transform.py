@@ -1,10 +1,12 @@
-"""The per-scan transform: one NIfTI scan to a training-ready S^3 volume in [-1, 1].
+"""The per-scan transform: one scan to a training-ready S^3 volume in [-1, 1].
 
 The Beam job (`hagan-preprocess`) and the serving client (`hagan-encode`) both call
-`preprocess_file`, so a user's scan is encoded exactly as the training data was prepared.
+`preprocess_file`, so a user's scan is encoded exactly as the training data was prepared. It
+reads NIfTI, NRRD, MetaImage and DICOM series through one loader (`readers.load_volume`).
 
 Steps (paper, Sec. IV-A, and the authors' reference script):
-  1. read with nibabel, reorient with `as_closest_canonical` (RAS+) and transpose to [D, H, W]
+  1. read (NIfTI with nibabel; the others with SimpleITK, LPS converted to RAS), reorient with
+     `as_closest_canonical` (RAS+) and transpose to [D, H, W]
      so that D is the superior-inferior (axial) axis, the axis slabs are cut along;
   2. CT: clip to the HU window (default [-1024, 600]); MRI: clip to [min, 99.9th percentile];
      map linearly to [-1, 1], NaN becoming the lower bound;
@@ -19,6 +21,7 @@ Every bad input raises `ScanError` with a one-line reason.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from scipy import ndimage
@@ -27,6 +30,8 @@ MODALITIES = ("ct", "mri")
 CT_WINDOW = (-1024.0, 600.0)
 MAX_VOXELS = 1024 ** 3  # 4 GiB as float32: larger inputs are refused instead of exhausting memory
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")  # NRRD and MetaImage, read with SimpleITK
+SCAN_SUFFIXES = NIFTI_SUFFIXES + ITK_SUFFIXES
 
 
 class ScanError(ValueError):
@@ -34,9 +39,10 @@ class ScanError(ValueError):
 
 
 def subject_id(path: str) -> str:
-    """The file name without directory and .nii/.nii.gz: the key for labels and folds."""
+    """The file name without directory and scan suffix (.nii.gz, .nrrd, ...): the key for labels
+    and folds. A DICOM series' id: `readers` module docstring."""
     name = os.path.basename(str(path).rstrip("/"))
-    for suffix in NIFTI_SUFFIXES:
+    for suffix in SCAN_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
@@ -108,15 +114,25 @@ def _resample(volume: np.ndarray, shape) -> np.ndarray:
     return np.ascontiguousarray(volume)
 
 
+def _lap(timings: dict | None, stage: str, since: float) -> float:
+    now = time.perf_counter()
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + now - since
+    return now
+
+
 def preprocess_array(volume, size: int, modality: str = "ct", window=CT_WINDOW,
                      percentile: float = 99.9, spacing=None, isotropic: float | None = None,
-                     min_extent: int | None = None) -> tuple[np.ndarray, dict]:
+                     min_extent: int | None = None, timings: dict | None = None
+                     ) -> tuple[np.ndarray, dict]:
     """[D, H, W] intensities (HU for CT) -> (float32 [S, S, S] in [-1, 1], meta).
 
     `spacing` (mm, D/H/W order) is needed only with `isotropic` (target spacing in mm).
     `min_extent` (default S // 4) refuses volumes whose trimmed extent would need more than 4x
     upsampling along some axis: such a volume is too small for S.
+    `timings`, when given, gets the seconds spent normalising and resampling added to it.
     """
+    clock = time.perf_counter()
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     size = int(size)
@@ -150,6 +166,7 @@ def preprocess_array(volume, size: int, modality: str = "ct", window=CT_WINDOW,
     vol = (np.clip(vol, low, high) - np.float32(low)) * np.float32(2.0 / (high - low)) - 1.0
 
     meta = {"modality": modality, "intensity_range": [low, high]}
+    clock = _lap(timings, "normalise", clock)
     if isotropic:
         if spacing is None:
             raise ValueError("isotropic resampling needs the voxel spacing")
@@ -160,6 +177,7 @@ def preprocess_array(volume, size: int, modality: str = "ct", window=CT_WINDOW,
                             "voxel limit")
         vol = _resample(vol, target)
         meta["resampled_shape"] = [int(s) for s in vol.shape]
+        clock = _lap(timings, "resample", clock)
 
     nonblank = np.flatnonzero((vol > -1.0).any(axis=(1, 2)))
     if nonblank.size == 0:
@@ -172,20 +190,31 @@ def preprocess_array(volume, size: int, modality: str = "ct", window=CT_WINDOW,
     if min(vol.shape) < min_extent:
         raise ScanError(f"too small for S={size}: extent {tuple(vol.shape)} after trimming, "
                         f"need at least {min_extent} voxels per axis")
+    clock = _lap(timings, "normalise", clock)
     out = np.clip(_resample(vol, (size, size, size)), -1.0, 1.0).astype(np.float32)
+    _lap(timings, "resample", clock)
     return out, meta
 
 
-def preprocess_file(path: str, size: int, modality: str = "ct", window=CT_WINDOW,
+def preprocess_file(path, size: int, modality: str = "ct", window=CT_WINDOW,
                     percentile: float = 99.9, isotropic: float | None = None,
-                    min_extent: int | None = None) -> tuple[np.ndarray, dict]:
-    """One NIfTI file -> (float32 [S, S, S] in [-1, 1], meta). Raises ScanError on bad input.
+                    min_extent: int | None = None, timings: dict | None = None
+                    ) -> tuple[np.ndarray, dict]:
+    """One scan -> (float32 [S, S, S] in [-1, 1], meta). Raises ScanError on bad input.
 
+    `path`: a NIfTI, NRRD or MetaImage file, a folder holding one DICOM series, or a
+    `readers.DicomSeries` (as `readers.expand_inputs` lists them).
     meta: source, subject_id, original_shape (as stored), orientation (stored axis codes),
     spacing (mm, after reorientation, [D, H, W]), kept_slices [start, stop) along D (in the
-    resampled grid when `isotropic`), intensity_range (the [low, high] mapped to [-1, 1]).
+    resampled grid when `isotropic`), intensity_range (the [low, high] mapped to [-1, 1]);
+    for DICOM also series_uid, slices and dicom_modality.
+    `timings`, when given, gets the seconds spent reading, normalising and resampling added.
     """
-    volume, meta = load_scan(path)
+    from .readers import load_volume, source_subject_id
+
+    start = time.perf_counter()
+    volume, meta = load_volume(path)
+    _lap(timings, "read", start)
     out, more = preprocess_array(volume, size, modality, window, percentile, meta["spacing"],
-                                 isotropic, min_extent)
-    return out, {"source": str(path), "subject_id": subject_id(path), **meta, **more}
+                                 isotropic, min_extent, timings)
+    return out, {"source": str(path), "subject_id": source_subject_id(path), **meta, **more}
