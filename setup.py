@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
     "grpcio==1.85.1",
+    "aiohttp==3.14.5",  # hagan-serve's REST server
 ]
 
 setup(
@@ -43,8 +44,8 @@ setup(
             "hagan-train=hagan_tf.training.cli:main",
             "hagan-export=hagan_tf.serving.export:main",
             "hagan-serve=hagan_tf.serving.server:main",
-            "hagan-sample=hagan_tf.serving.client:sample_main",
-            "hagan-encode=hagan_tf.serving.client:encode_main",
+            "hagan-sample=hagan_tf.serving.sample_cli:sample_main",
+            "hagan-encode=hagan_tf.serving.encode_cli:encode_main",
             "hagan-evaluate=hagan_tf.evaluation.cli:main",
             "hagan-embed=hagan_tf.apps.embed:main",
             "hagan-regress=hagan_tf.apps.regress:main",

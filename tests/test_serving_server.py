@@ -27,7 +27,9 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
 
 from hagan_tf import HAGAN, HAGANConfig
 from hagan_tf.serving import GRPC_OPTIONS, ServingError
-from hagan_tf.serving.client import Client, encode_main, sample_main
+from hagan_tf.serving.client import Client
+from hagan_tf.serving.encode_cli import encode_main
+from hagan_tf.serving.sample_cli import sample_main
 from hagan_tf.serving.export import export_model, seed_latents
 
 CFG = HAGANConfig(size=32, width=0.125, latent_dim=16, spacing=1.5)
@@ -97,7 +99,7 @@ def test_grpc_round_trip(served, stubs):
     response = predictions.Predict(_predict_request("generate", z=z), timeout=120)
     assert response.model_spec.name == "hagan" and response.model_spec.version.value == 1
     volume = tf.make_ndarray(response.outputs["volume"])
-    np.testing.assert_allclose(volume, gan.generate(z).numpy(), atol=1e-5)
+    np.testing.assert_allclose(volume, np.asarray(gan.generate(z)), atol=1e-5)
 
     response = predictions.Predict(_predict_request("encode", volume=volume), timeout=120)
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["z"]), gan.encode(volume).numpy(),
@@ -123,7 +125,7 @@ def test_grpc_round_trip(served, stubs):
 def test_rest_round_trip_in_row_and_columnar_formats(served):
     gan, _, _, port = served
     z = gan.sample_z(2, seed=1)
-    expected = gan.generate(z).numpy()
+    expected = np.asarray(gan.generate(z))
     code, reply = _rest(port, "/v1/models/hagan:predict", {"instances": z.tolist()})
     assert code == 200
     np.testing.assert_allclose(np.array(reply["predictions"], np.float32), expected, atol=1e-5)
@@ -158,7 +160,7 @@ def test_client_module_over_both_protocols(served):
             a, b = client.generate_from_seed([4, 5]), client.generate_from_seed([4, 5])
             np.testing.assert_array_equal(a, b)
             np.testing.assert_allclose(client.reconstruct(a[:1]),
-                                       gan.generate(gan.encode(a[:1])).numpy(), atol=1e-4)
+                                       np.asarray(gan.generate(gan.encode(a[:1]))), atol=1e-4)
 
 
 def _grpc_code(call):
@@ -174,7 +176,7 @@ def test_bad_requests_get_the_right_errors_and_the_server_keeps_serving(served, 
     grpc_cases = {
         "unknown model": (_predict_request("generate", model="nope", z=z), grpc.StatusCode.NOT_FOUND),
         "unknown version": (_predict_request("generate", version=9, z=z), grpc.StatusCode.NOT_FOUND),
-        "unknown signature": (_predict_request("dream", z=z), grpc.StatusCode.INVALID_ARGUMENT),
+        "unknown signature": (_predict_request("dream", z=z), grpc.StatusCode.FAILED_PRECONDITION),
         "wrong dtype": (_predict_request("generate", z=z.astype(np.float64)),
                         grpc.StatusCode.INVALID_ARGUMENT),
         "wrong shape": (_predict_request("generate", z=z[:, :5]), grpc.StatusCode.INVALID_ARGUMENT),
@@ -304,7 +306,7 @@ def test_new_versions_and_models_are_picked_up_without_restart(served, tmp_path)
     states = _wait_for(lambda: (s := client.status()) and len(s) == 2 and s)
     assert states == [{"version": 6, "state": "END"}, {"version": 5, "state": "AVAILABLE"}]
     z = gan.sample_z(1, seed=6)
-    np.testing.assert_allclose(client.generate(z), gan.generate(z).numpy(), atol=1e-5)
+    np.testing.assert_allclose(client.generate(z), np.asarray(gan.generate(z)), atol=1e-5)
     client.close()
 
 
@@ -330,7 +332,7 @@ def test_hagan_sample_writes_nifti_montage_and_is_reproducible(served, tmp_path)
                         "--batch", "2", "--out", out_grpc]) == 0
     assert sample_main(["--server", f"127.0.0.1:{rest_port}", "--rest", "-n", "3", "--seed", "10",
                         "--out", out_rest]) == 0
-    expected = gan.generate(seed_latents([10, 11, 12], CFG.latent_dim)).numpy()
+    expected = np.asarray(gan.generate(seed_latents([10, 11, 12], CFG.latent_dim)))
     for i, seed in enumerate((10, 11, 12)):
         a = nib.load(os.path.join(out_grpc, f"sample_{seed}.nii.gz"))
         b = nib.load(os.path.join(out_rest, f"sample_{seed}.nii.gz"))
@@ -423,7 +425,7 @@ def test_hagan_encode_preprocesses_scans_and_skips_bad_ones(served, tmp_path, ca
 
 def test_hagan_encode_takes_the_training_datas_transform(tmp_path):
     """Scans must be encoded as the model's training data was preprocessed (--like DATA_DIR)."""
-    from hagan_tf.serving.client import encode_transform
+    from hagan_tf.serving.encode_cli import encode_transform
 
     def settings(*argv):
         parser = argparse.ArgumentParser()
@@ -445,9 +447,10 @@ def test_hagan_encode_takes_the_training_datas_transform(tmp_path):
         settings("--window", "600", "-1024")
 
 
-def test_rest_reads_and_parses_at_most_max_concurrent_bodies_at_once():
-    """The bound that keeps N large JSON bodies (~7x their size once parsed) out of memory."""
-    from hagan_tf.serving.server import _RestServer
+def test_rest_parses_at_most_max_concurrent_bodies_at_once():
+    """The bound that keeps N large JSON bodies (~7x their size once parsed) out of memory;
+    bodies are read concurrently (a stalled upload must not hold a slot)."""
+    from hagan_tf.serving.rest_http import RestServer
 
     class SlowApp:  # stands in for RestApp: counts the bodies being handled at once
         def __init__(self):
@@ -463,7 +466,7 @@ def test_rest_reads_and_parses_at_most_max_concurrent_bodies_at_once():
             return 200, {"bytes": len(body or b"")}
 
     app = SlowApp()
-    server = _RestServer(("127.0.0.1", 0), app, max_body=1 << 20, max_concurrent=2)
+    server = RestServer(("127.0.0.1", 0), app, max_body=1 << 20, max_concurrent=2)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         port = server.server_address[1]
@@ -511,3 +514,22 @@ def test_a_batch_runs_in_groups_of_at_most_run_voxels_with_the_same_answer(serve
     np.testing.assert_allclose(codes, gan.encode(whole).numpy(), atol=1e-5)
     assert grouped.predict(servable, "generate", {"z": z[:0]})["volume"].shape == (0, 32, 32, 32, 1)
     assert b"size: 32" in grouped.predict(servable, "config", {"format": np.array(b"yaml")})["config"].item()
+
+
+def test_old_import_paths_and_console_scripts_still_work():
+    """server.py and client.py were split (issue 23); scripts and users import the old names."""
+    import importlib.metadata
+
+    from hagan_tf.serving import client, encode_cli, predictor, registry, sample_cli, server
+
+    assert client.sample_main is sample_cli.sample_main is sample_main
+    assert client.encode_main is encode_cli.encode_main is encode_main
+    assert client.encode_transform is encode_cli.encode_transform
+    assert server.ModelRegistry is registry.ModelRegistry and server.Predictor is predictor.Predictor
+    assert server.RUN_VOXELS == predictor.RUN_VOXELS
+    with pytest.raises(AttributeError):
+        client.no_such_name  # noqa: B018
+    scripts = {e.name: e for e in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts["hagan-serve"].load() is server.main
+    assert scripts["hagan-sample"].load() is sample_main
+    assert scripts["hagan-encode"].load() is encode_main

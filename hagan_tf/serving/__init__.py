@@ -1,8 +1,10 @@
 """Export and serving: SavedModels in TF Serving's layout, an embedded server, and clients.
 
-`export` writes DIR/NAME/V (`hagan-export`), `server` serves DIR over TF Serving's gRPC and REST
-APIs (`hagan-serve`), `client` talks to it or to the real TF Serving (`hagan-sample`,
-`hagan-encode`). Only what both ends share lives here, so importing it is cheap.
+`export` writes DIR/NAME/V (`hagan-export`, with `warmup`'s request file); `server` serves DIR
+(`hagan-serve`) from `registry` (loaded versions), `predictor` (checks, batching), `grpc_api`,
+`rest_api` (TF Serving's JSON) and `rest_http` (the HTTP server). `client` talks to it or to the
+real TF Serving over `transports`; `sample_cli` and `encode_cli` are `hagan-sample` and
+`hagan-encode`. Only what both ends share lives here, so importing it is cheap.
 """
 
 from __future__ import annotations
@@ -31,3 +33,17 @@ class ServingError(Exception):
         self.code = code
         self.message = message
         self.http_status = http_status or HTTP_STATUS.get(code, 500)
+
+
+def shown(value, limit: int = 64) -> str:
+    """repr of a name taken from a request, cut to `limit` characters: an error message that
+    echoes a 10,000-character name would not fit in a gRPC status (8 KiB of metadata)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
+
+
+def shown_list(values, most: int = 8) -> str:
+    """A bounded list of request-given names, as `shown` bounds one."""
+    values = sorted(values)
+    more = f", and {len(values) - most} more" if len(values) > most else ""
+    return "[" + ", ".join(shown(v) for v in values[:most]) + more + "]"

@@ -29,6 +29,7 @@ import tensorflow as tf
 import yaml
 
 from ..layout import CONFIG_ASSET, DEFAULT_MODEL_NAME, default_version, versions  # noqa: F401 (re-exported)
+from .warmup import write_warmup
 
 SEED_RNG_ALG = "philox"  # named, not "auto_select", which may pick another algorithm per device
 
@@ -136,6 +137,7 @@ def export_model(gan, model_base: str, name: str = DEFAULT_MODEL_NAME, version: 
         tf.saved_model.save(module, tmp, signatures=module.signatures())
         tf.io.gfile.makedirs(os.path.join(tmp, os.path.dirname(CONFIG_ASSET)))
         gan.config_.to_yaml(os.path.join(tmp, CONFIG_ASSET))
+        write_warmup(tmp)  # assets.extra/tf_serving_warmup_requests: TF Serving warms up with it
         if "://" in model_base:
             _move_files(tmp, final)
         else:
