@@ -73,6 +73,15 @@ def run_beam(scans: str, out: str, size: int, extra: list[str]) -> tuple[float, 
     return wall, summary["stage_seconds"], int(threads.group(1)) if threads else 1
 
 
+def cpu_seconds() -> float:
+    """User + system time of this process (all threads) and its finished child processes."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def import_seconds(module: str, repeats: int = 2) -> float:
     """What a fresh worker process pays to import `module` (the best of `repeats`)."""
     best = float("inf")
@@ -92,11 +101,14 @@ def main(argv=None) -> int:
                    help="worker processes in the 'processes' mode (default: one per core)")
     p.add_argument("--modes", nargs="+", default=["serial", "threads", "processes"],
                    choices=["serial", *MODES])
+    p.add_argument("--repeats", type=int, default=2,
+                   help="runs of each mode, interleaved (serial, threads, processes, serial, ...), "
+                        "so that load from other jobs falls on every mode alike")
     p.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results",
                                                   "preprocess.json"))
     args = p.parse_args(argv)
-    if args.volumes < 1 or args.workers < 1:
-        p.error("--volumes and --workers must be positive")
+    if min(args.volumes, args.workers, args.repeats) < 1:
+        p.error("--volumes, --workers and --repeats must be positive")
 
     rows, load = [], [os.getloadavg()[0]]
     startup = {"import tensorflow": import_seconds("tensorflow"),
@@ -113,29 +125,45 @@ def main(argv=None) -> int:
             zlib.decompress(open(path, "rb").read(), 31)
         gzip_s = round(time.perf_counter() - start, 2)
         preprocess_file(paths[0], args.sizes[0])  # warm: the first call pays one-off costs
+        runs = []
         for size in args.sizes:
-            for mode in args.modes:
-                if mode == "serial":
-                    stages, start = {}, time.perf_counter()
-                    for path in tqdm(paths, desc=f"serial S={size}", unit="scan"):
-                        preprocess_file(path, size, timings=stages)
-                    rows.append({"size": size, "mode": "serial loop", "workers": 1,
-                                 "seconds": time.perf_counter() - start,
-                                 "stage_seconds": {k: round(v, 2) for k, v in stages.items()}})
-                    continue
-                label, extra = MODES[mode]
-                extra = [str(args.workers) if a == "W" else a for a in extra]
-                print(f"{label} S={size} ...", file=sys.stderr)
-                wall, stages, threads = run_beam(scans, os.path.join(tmp, "out"), size, extra)
-                workers = args.workers if mode == "processes" else threads
-                rows.append({"size": size, "mode": label, "workers": workers, "seconds": wall,
-                             "stage_seconds": stages})
+            for repeat in range(args.repeats):
+                for mode in args.modes:
+                    load_now, cpu = os.getloadavg()[0], cpu_seconds()
+                    if mode == "serial":
+                        stages, start = {}, time.perf_counter()
+                        for path in tqdm(paths, desc=f"serial S={size}", unit="scan"):
+                            preprocess_file(path, size, timings=stages)
+                        wall, workers, label = time.perf_counter() - start, 1, "serial loop"
+                        stages = {k: round(v, 2) for k, v in stages.items()}
+                    else:
+                        label, extra = MODES[mode]
+                        extra = [str(args.workers) if a == "W" else a for a in extra]
+                        print(f"{label} S={size} ...", file=sys.stderr)
+                        wall, stages, threads = run_beam(scans, os.path.join(tmp, "out"), size,
+                                                         extra)
+                        workers = args.workers if mode == "processes" else threads
+                    runs.append({"size": size, "mode": label, "workers": workers,
+                                 "repeat": repeat, "seconds": round(wall, 2),
+                                 "cpu_seconds": round(cpu_seconds() - cpu, 2),
+                                 "load_avg_1m_at_start": round(load_now, 2),
+                                 "stage_seconds": stages})
+    rows = []
+    for size in args.sizes:
+        for label in dict.fromkeys(r["mode"] for r in runs if r["size"] == size):
+            mine = sorted((r for r in runs if r["size"] == size and r["mode"] == label),
+                          key=lambda r: r["seconds"])
+            median = mine[(len(mine) - 1) // 2]  # the lower median: an actual run
+            rows.append({"size": size, "mode": label, "workers": mine[0]["workers"],
+                         "seconds": median["seconds"], "best_seconds": mine[0]["seconds"],
+                         "volumes_per_s": round(args.volumes / median["seconds"], 3),
+                         "cpu_seconds": median["cpu_seconds"],
+                         "stage_seconds": median["stage_seconds"]})
     for r in rows:
-        r["seconds"] = round(r["seconds"], 2)
-        r["volumes_per_s"] = round(args.volumes / r["seconds"], 3)
         serial = [s for s in rows if s["size"] == r["size"] and s["mode"] == "serial loop"]
         if serial:
-            r["vs_serial"] = round(r["volumes_per_s"] / serial[0]["volumes_per_s"], 2)
+            r["vs_serial"] = round(serial[0]["seconds"] / r["seconds"], 2)
+            r["vs_serial_best"] = round(serial[0]["best_seconds"] / r["best_seconds"], 2)
 
     result = {
         "benchmark": "preprocess", "volumes": args.volumes,
@@ -146,17 +174,21 @@ def main(argv=None) -> int:
         "cpu_flags": "AVX-512 F/BW/VNNI/BF16 (oneDNN kernels in TensorFlow; the transform "
                      "itself is NumPy/SciPy)",
         "gzip_decode_seconds_all_scans": gzip_s, "worker_startup_seconds": startup,
-        "rows": rows,
+        "repeats": args.repeats, "rows": rows, "runs": runs,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
     print(f"\n{args.volumes} scans of {result['scan']}, {os.cpu_count()} CPUs, load average "
           f"{result['machine']['load_avg_1m_before_after']} (before, after)\n")
-    print("| S | mode | workers | seconds | volumes/s | vs serial |\n|---|---|---|---|---|---|")
+    print(f"Median of {args.repeats} interleaved runs (best in brackets); CPU s = user + system "
+          "of this process and its workers:\n")
+    print("| S | mode | workers | seconds | volumes/s | vs serial | CPU s |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['mode']} | {r['workers']} | {r['seconds']} "
-              f"| {r['volumes_per_s']} | {r.get('vs_serial', '')} |")
+              f"({r['best_seconds']}) | {r['volumes_per_s']} | {r.get('vs_serial', '')} "
+              f"({r.get('vs_serial_best', '')}) | {r['cpu_seconds']} |")
     stages = ("read", "normalise", "resample", "write")
     print("\nTime per stage, summed over the scans (s; several workers overlap):\n")
     print("| S | mode | " + " | ".join(stages) + " |\n|---|---|" + "---|" * len(stages))
