@@ -7,8 +7,10 @@ import numpy as np
 import tensorflow as tf
 
 from . import diffaugment
+from ._compat import flatten_layers, private_override
 from .config import HAGANConfig
-from .layers import SERIAL_PACKAGE, depth_slab
+from .layers import SERIAL_PACKAGE
+from .lean_ops import depth_slab
 from .models import Discriminator, Encoder, Generator, checked_labels
 from .optimizers import Adam, LossScaleOptimizer
 
@@ -73,13 +75,14 @@ class _Training:
         for opt, variables in zip(opts, self._update_variables()):
             opt.build(variables)
 
+    @private_override(keras.Model)
     def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         """Nothing for Keras to build here: the networks are built in __init__, the optimizers
         in compile(). Under a strategy Keras would take fit()'s first batch for this (it was
         never trained on) and reduce it across replicas, which MultiWorkerMirroredStrategy
         cannot do for a dict ("Attempt to convert a value ({'volume': PerReplica...")."""
         if self.optimizer is not None and self.optimizer.built and all(
-                layer.built for layer in self._flatten_layers()):
+                layer.built for layer in flatten_layers(self)):
             return
         super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
 

@@ -20,8 +20,8 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import HAGANConfig
-from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, MinibatchStd, SNConvLeaky, SNDense,
-                     depth_slab, leaky_relu)
+from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, MinibatchStd, SNConvLeaky, SNDense
+from .lean_ops import depth_slab, leaky_relu
 
 # G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
 COMMON_CHANNELS = (512, 512, 256, 128, 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from ._compat import private_override, variable_index
 from .layers import SERIAL_PACKAGE
 
 
@@ -34,6 +35,7 @@ class Adam(keras.optimizers.Adam):
         t = ops.cast(self.iterations + 1, "float32")
         return ops.cast(learning_rate, "float32") * ops.sqrt(1 - ops.power(float(self.beta_2), t))
 
+    @private_override(keras.optimizers.Adam)
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
         # The step size once per apply, not once per variable (~25 graph nodes each, 2,100 of
         # the traced iteration's 10,900); the graph's size is memory that stays.
@@ -51,7 +53,7 @@ class Adam(keras.optimizers.Adam):
     def _moment_free_step(self, variable, gradient, alpha):
         gradient = ops.cast(gradient, variable.dtype)
         alpha = ops.cast(alpha, variable.dtype)
-        v = self._velocities[self._get_variable_index(variable)]
+        v = self._velocities[variable_index(self, variable)]
         self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
         # one temporary of the variable's size at a time (TF updates the others in place)
         self.assign_sub(variable, ops.multiply(
@@ -80,6 +82,7 @@ class LossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             return finite
         return ctx.all_reduce("SUM", ops.cast(ops.logical_not(finite), "float32")) == 0
 
+    @private_override(keras.optimizers.LossScaleOptimizer)
     def _stateful_handle_non_finite_grads(self):
         super()._stateful_handle_non_finite_grads()
         self.inner_optimizer.iterations.assign_add(1)

@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from ._compat import kernel_variable
 from .config import HAGANConfig
 
 SIZES = (128, 256)
@@ -82,8 +83,8 @@ def _to_channels_last(x, channels):
 # --- the table: (torch key, Keras variable or None, torch shape, conversion) ----------------------
 
 def _conv_entries(key, conv, spectral=False):
-    k = tuple(conv._kernel.shape)
-    out = [(f"{key}.weight", conv._kernel, (k[4], k[3]) + k[:3], _conv),
+    k = tuple(kernel_variable(conv).shape)
+    out = [(f"{key}.weight", kernel_variable(conv), (k[4], k[3]) + k[:3], _conv),
            (f"{key}.bias", conv.bias, (k[4],), _same)]
     return out + (_sn_entries(key, conv) if spectral else [])
 
@@ -100,7 +101,7 @@ class _JoinedKernel:
 
 
 def _dense_entries(key, dense, spectral=False, reshape_channels=None):
-    kernel = _JoinedKernel(dense) if hasattr(dense, "kernels") else dense._kernel
+    kernel = _JoinedKernel(dense) if hasattr(dense, "kernels") else kernel_variable(dense)
     fan_in, units = tuple(kernel.shape)
     if reshape_channels:  # the dense layer whose output is reshaped to 4^3 x C
         weight = lambda w: _to_channels_last(w, reshape_channels).T  # noqa: E731

@@ -15,6 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
 
+from .._compat import xplane_pb2
+
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -337,11 +339,9 @@ def profile_traces(log_dir: str) -> set[str]:
 def top_ops(traces, n: int) -> list[tuple[str, float, int]]:
     """The n op types (GPU: kernels) that took the most time in TensorBoard-profiler traces
     (xplane.pb files): [(name, total ms, count)], summed over threads and streams."""
-    from tensorflow.tsl.profiler.protobuf import xplane_pb2
-
     spaces = []
     for path in traces:
-        spaces.append(xplane_pb2.XSpace())
+        spaces.append(xplane_pb2().XSpace())
         with tf.io.gfile.GFile(path, "rb") as f:
             spaces[-1].ParseFromString(f.read())
     planes = [p for space in spaces for p in space.planes]

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from .. import run as rundir
+from .._compat import report_error_to_cluster  # noqa: E402
 from ..config import HAGANConfig  # noqa: E402
 from ..data.pipeline import check_records, count_examples, count_rows, make_dataset  # noqa: E402
 from ..data.records import first_record, read_manifest, unreadable_shards  # noqa: E402
@@ -83,12 +84,9 @@ def _tell_the_other_workers(strategy, error: Exception) -> None:
     """Reports this worker's reason to the cluster's coordination service, which aborts the
     other workers' collectives with it at once, instead of after its heartbeat timeout
     (about a minute) with only 'task 1 stopped sending heartbeats'."""
-    from tensorflow.python.eager import context
-
     task = strategy.cluster_resolver.task_id
     try:
-        context.context().report_error_to_cluster(tf.errors.ABORTED,
-                                                  f"{RELAYED}worker {task} failed: {error}")
+        report_error_to_cluster(tf.errors.ABORTED, f"{RELAYED}worker {task} failed: {error}")
     except Exception:  # noqa: BLE001 - best effort: the heartbeat timeout still stops them
         pass
 
