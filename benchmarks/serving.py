@@ -1,10 +1,12 @@
-"""Serving latency and throughput: hagan-serve on loopback, gRPC clients, batch 1 per request.
+"""Serving latency and throughput: hagan-serve on loopback, gRPC or REST clients, batch 1.
 
 Exports a tiny model (configs/tiny_32.yaml) and a 128^3 model (configs/paper_128.yaml, width
 from --width-128) with random weights, starts `hagan-serve` as a subprocess with its default
 settings, and for generate_preview, generate and encode measures p50/p99 request latency and
-requests/s with 1 and 8 concurrent clients (one gRPC channel per client thread):
+requests/s with 1 and 8 concurrent clients (one gRPC channel, or one REST client, per thread):
     python benchmarks/serving.py [--sizes 32 128] [--width-128 1.0] [--requests-32 64]
+                                 [--protocols grpc rest]
+REST sends and receives whole volumes as JSON, so at 128^3 it measures JSON as much as serving.
 Prints a markdown table and writes benchmarks/results/serving.json.
 """
 
@@ -77,6 +79,7 @@ def main(argv=None):
     p.add_argument("--requests-32", type=int, default=64, help="requests per row at 32^3")
     p.add_argument("--requests-128", type=int, default=16, help="requests per row at 128^3")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--protocols", nargs="+", default=["grpc"], choices=["grpc", "rest"])
     p.add_argument("--out", default=os.path.join(HERE, "results", "serving.json"))
     args = p.parse_args(argv)
 
@@ -104,28 +107,34 @@ def main(argv=None):
 
     server = subprocess.Popen(
         [sys.executable, "-m", "hagan_tf.serving.server", "--model-base", base, "--port", "0",
-         "--no-rest"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+         "--rest-port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     rows = []
     try:
         line = server.stdout.readline()
-        port = int(re.search(r"gRPC on [^:]+:(\d+)", line)[1])
+        m = re.search(r"gRPC on [^:]+:(\d+), REST on http://[^:]+:(\d+)", line)
+        ports = {"grpc": int(m[1]), "rest": int(m[2])}
         rng = np.random.default_rng(0)
         for name, cfg in models.items():
             requests = args.requests_32 if cfg.size == 32 else args.requests_128
             for signature in SIGNATURES:
                 inputs = _inputs(signature, cfg, rng)
-                for clients in args.clients:
-                    row = measure(lambda: Client(f"127.0.0.1:{port}", model=name), signature,
-                                  inputs, clients, max(requests, clients))
-                    row.update(size=cfg.size, width=cfg.width, latent_dim=cfg.latent_dim)
-                    rows.append(row)
-                    print(f"{name} {signature} x{clients}: p50 {row['p50_ms']:.1f} ms, "
-                          f"{row['throughput_rps']:.2f} req/s", file=sys.stderr)
+                for protocol in args.protocols:
+                    address = f"127.0.0.1:{ports[protocol]}"
+                    for clients in args.clients:
+                        row = measure(lambda: Client(address, rest=protocol == "rest", model=name),
+                                      signature, inputs, clients, max(requests, clients))
+                        row.update(size=cfg.size, width=cfg.width, latent_dim=cfg.latent_dim,
+                                   protocol=protocol)
+                        rows.append(row)
+                        print(f"{name} {signature} {protocol} x{clients}: p50 "
+                              f"{row['p50_ms']:.1f} ms, {row['throughput_rps']:.2f} req/s",
+                              file=sys.stderr)
     finally:
         server.terminate()
         server.wait(timeout=60)
 
-    result = {"benchmark": "serving", "protocol": "gRPC, loopback, batch 1 per request",
+    result = {"benchmark": "serving", "protocol": f"{'/'.join(args.protocols)}, loopback, "
+                                                  "batch 1 per request",
               "server": "hagan-serve defaults (--max-concurrent 4)",
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                           "device": "CPU"},
@@ -134,12 +143,12 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
-    print("| model | signature | clients | requests | p50 ms | p99 ms | req/s | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | signature | protocol | clients | requests | p50 ms | p99 ms | req/s | errors |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']}^3 w{r['width']:g} z{r['latent_dim']} | {r['signature']} | "
-              f"{r['clients']} | {r['requests']} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
-              f"{r['throughput_rps']:.2f} | {r['errors']} |")
+              f"{r['protocol']} | {r['clients']} | {r['requests']} | {r['p50_ms']:.1f} | "
+              f"{r['p99_ms']:.1f} | {r['throughput_rps']:.2f} | {r['errors']} |")
     return 0
 
 

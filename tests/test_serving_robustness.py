@@ -364,3 +364,18 @@ def test_a_failing_warmup_request_fails_the_load_as_in_tf_serving(served, tmp_pa
     unwarmed = ModelRegistry(str(tmp_path), warmup=False)  # hagan-serve --no-warmup
     unwarmed.refresh()
     assert unwarmed.get("hagan").version == 2
+
+
+def test_an_odd_directory_name_does_not_stop_the_registry(served, tmp_path):
+    """A version directory named "²" passes str.isdigit, and int() refuses it."""
+    import shutil
+
+    from hagan_tf.serving.registry import ModelRegistry
+
+    shutil.copytree(os.path.join(served[0], "hagan", "1"), tmp_path / "hagan" / "1")
+    shutil.copytree(os.path.join(served[0], "hagan", "1"), tmp_path / "other" / "3")
+    registry = ModelRegistry(str(tmp_path), warmup=False)
+    registry.refresh()
+    (tmp_path / "hagan" / "\u00b2").mkdir()
+    registry.refresh()  # the odd name is skipped or logged; what was served stays served
+    assert registry.get("hagan").version == 1 and registry.get("other").version == 3

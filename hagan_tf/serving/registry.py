@@ -71,7 +71,14 @@ class ModelRegistry:
             present = set()
             for name in names:
                 model_dir = os.path.join(self.model_base, name)
-                loadable = [v for v in versions(model_dir) if not self._known_bad(name, v)]
+                try:
+                    listed = versions(model_dir)
+                except Exception as e:  # noqa: BLE001 - e.g. a directory named "²" (int() fails)
+                    log.error("cannot list the versions of %s: %s", model_dir, e)
+                    if name in self._models:
+                        present.add(name)  # keep serving what was loaded
+                    continue
+                loadable = [v for v in listed if not self._known_bad(name, v)]
                 if not loadable:
                     continue
                 present.add(name)
