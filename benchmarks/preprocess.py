@@ -151,14 +151,15 @@ def main(argv=None) -> int:
     rows = []
     for size in args.sizes:
         for label in dict.fromkeys(r["mode"] for r in runs if r["size"] == size):
-            mine = sorted((r for r in runs if r["size"] == size and r["mode"] == label),
-                          key=lambda r: r["seconds"])
-            median = mine[(len(mine) - 1) // 2]  # the lower median: an actual run
+            mine = [r for r in runs if r["size"] == size and r["mode"] == label]
+            mean = round(float(np.mean([r["seconds"] for r in mine])), 2)
+            stages = {k: round(float(np.mean([r["stage_seconds"].get(k, 0) for r in mine])), 2)
+                      for k in mine[0]["stage_seconds"]}
             rows.append({"size": size, "mode": label, "workers": mine[0]["workers"],
-                         "seconds": median["seconds"], "best_seconds": mine[0]["seconds"],
-                         "volumes_per_s": round(args.volumes / median["seconds"], 3),
-                         "cpu_seconds": median["cpu_seconds"],
-                         "stage_seconds": median["stage_seconds"]})
+                         "seconds": mean, "best_seconds": min(r["seconds"] for r in mine),
+                         "volumes_per_s": round(args.volumes / mean, 3),
+                         "cpu_seconds": round(float(np.mean([r["cpu_seconds"] for r in mine])), 2),
+                         "stage_seconds": stages})
     for r in rows:
         serial = [s for s in rows if s["size"] == r["size"] and s["mode"] == "serial loop"]
         if serial:
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
         json.dump(result, f, indent=2)
     print(f"\n{args.volumes} scans of {result['scan']}, {os.cpu_count()} CPUs, load average "
           f"{result['machine']['load_avg_1m_before_after']} (before, after)\n")
-    print(f"Median of {args.repeats} interleaved runs (best in brackets); CPU s = user + system "
+    print(f"Mean of {args.repeats} interleaved runs (best in brackets); CPU s = user + system "
           "of this process and its workers:\n")
     print("| S | mode | workers | seconds | volumes/s | vs serial | CPU s |\n"
           "|---|---|---|---|---|---|---|")

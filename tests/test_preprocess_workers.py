@@ -52,6 +52,17 @@ def test_framing_is_tfrecords_byte_for_byte(tmp_path):
     for p in payloads:
         tfrecord.write_record(buf, p)
     assert buf.getvalue() == (tmp_path / "tf.tfrecord").read_bytes()
+    # a record written in parts (head, voxels; the voxels over several CRC chunks) is the same
+    vol = np.random.default_rng(1).uniform(-1, 1, (40, 300, 200)).astype(np.float32)
+    head, data = tfrecord.encode_example_parts(vol, "big", 1, 2, "float32")
+    assert len(data) > 2 * tfrecord.CRC_CHUNK
+    whole, parts = io.BytesIO(), io.BytesIO()
+    tfrecord.write_record(whole, tfrecord.encode_example(vol, "big", 1, 2, "float32"))
+    tfrecord.write_record(parts, head, data)
+    assert parts.getvalue() == whole.getvalue()
+    (tmp_path / "big.tfrecord").write_bytes(parts.getvalue())
+    (raw,) = list(tf.data.TFRecordDataset(str(tmp_path / "big.tfrecord")))
+    np.testing.assert_array_equal(decode_example(raw.numpy())["volume"][..., 0], vol)
     assert [shard_name(i, n) for i, n in ((0, 1), (3, 16), (99999, 100000))] == \
         [records.shard_name(i, n) for i, n in ((0, 1), (3, 16), (99999, 100000))]
 

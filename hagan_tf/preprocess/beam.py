@@ -43,7 +43,7 @@ from apache_beam.io.filesystems import FileSystems  # noqa: E402
 
 from ..config import HAGANConfig  # noqa: E402
 from .readers import DicomSeries, expand_inputs  # noqa: E402
-from .tfrecord import encode_example, write_record  # noqa: E402
+from .tfrecord import encode_example_parts, write_record  # noqa: E402
 from .transform import CT_WINDOW, ScanError, preprocess_file, subject_id  # noqa: E402
 
 TMP_PREFIX = ".tmp-"
@@ -309,8 +309,9 @@ class WriteShard(beam.DoFn):
                 finally:  # a remote scan's local copy goes now, not with the whole shard's
                     _remove_copy(local, source)
                 start = time.perf_counter()
-                write_record(writer, encode_example(volume, entry["subject_id"], entry["label"],
-                                                    entry["fold"], self.dtype))
+                write_record(writer, *encode_example_parts(volume, entry["subject_id"],
+                                                           entry["label"], entry["fold"],
+                                                           self.dtype))
                 self._time("write", time.perf_counter() - start)
                 for stage, seconds in timings.items():
                     self._time(stage, seconds)

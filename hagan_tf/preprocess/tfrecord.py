@@ -14,6 +14,7 @@ import google_crc32c
 import numpy as np
 
 DTYPES = ("float16", "float32")
+CRC_CHUNK = 4 * 2 ** 20
 
 
 def _varint(n: int) -> bytes:
@@ -38,9 +39,15 @@ def _int64_feature(values) -> bytes:  # Feature{int64_list: Int64List{value: pac
     return _field(3, _field(1, b"".join(_varint(int(v)) for v in values)))
 
 
-def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: int = -1,
-                   dtype: str = "float16") -> bytes:
-    """`records.encode_example`, serialised by hand: one [D, H, W] volume in [-1, 1]."""
+def _head(number: int, length: int) -> bytes:  # a length-delimited field's tag and length
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+def encode_example_parts(volume: np.ndarray, subject_id: str, label: int = -1, fold: int = -1,
+                         dtype: str = "float16") -> tuple[bytes, memoryview]:
+    """`records.encode_example` as (head, voxels): the record is head + voxels, and the voxels
+    (32 MB at 256^3) are never copied into nested byte strings. The volume goes last: a map's
+    entries may come in any order."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     volume = np.asarray(volume)
@@ -53,22 +60,39 @@ def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: i
     if dtype == "float16" and np.isinf(stored).any() and not np.isinf(volume).any():
         raise ValueError(f"{subject_id}: values beyond float16's range (65504) would be stored "
                          "as inf: normalise the volume to [-1, 1] first")
-    features = {"volume": _bytes_feature(stored.tobytes()), "dtype": _bytes_feature(dtype.encode()),
-                "shape": _int64_feature(volume.shape),
+    features = {"dtype": _bytes_feature(dtype.encode()), "shape": _int64_feature(volume.shape),
                 "subject_id": _bytes_feature(str(subject_id).encode()),
                 "label": _int64_feature([label]), "fold": _int64_feature([fold])}
     entries = b"".join(_field(1, _field(1, k.encode()) + _field(2, v)) for k, v in features.items())
-    return _field(1, entries)  # Example{features: Features{feature: map}}
+    data = memoryview(stored).cast("B")
+    bytes_list = _head(1, len(data))  # BytesList{value: [data]}
+    feature = _head(1, len(bytes_list) + len(data)) + bytes_list  # Feature{bytes_list}
+    value = _head(2, len(feature) + len(data)) + feature
+    key = _field(1, b"volume")
+    entry = _head(1, len(key) + len(value) + len(data)) + key + value  # the map entry
+    features_len = len(entries) + len(entry) + len(data)
+    return _head(1, features_len) + entries + entry, data  # Example{features: Features{map}}
 
 
-def _masked_crc(data: bytes) -> int:
-    crc = google_crc32c.value(data)
+def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: int = -1,
+                   dtype: str = "float16") -> bytes:
+    """`records.encode_example`, serialised by hand: one [D, H, W] volume in [-1, 1]."""
+    head, data = encode_example_parts(volume, subject_id, label, fold, dtype)
+    return head + data.tobytes()
+
+
+def _mask(crc: int) -> int:
     return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def write_record(f, data: bytes):
-    """Appends one TFRecord to a binary file object."""
-    length = struct.pack("<Q", len(data))
-    f.write(length + struct.pack("<I", _masked_crc(length)))
-    f.write(data)
-    f.write(struct.pack("<I", _masked_crc(data)))
+def write_record(f, *parts):
+    """Appends one TFRecord, the concatenation of `parts` (bytes-like), to a binary file."""
+    size = sum(len(p) for p in parts)
+    length = struct.pack("<Q", size)
+    f.write(length + struct.pack("<I", _mask(google_crc32c.value(length))))
+    crc = 0
+    for part in parts:
+        for i in range(0, len(part), CRC_CHUNK):  # google_crc32c takes bytes, not memoryviews
+            crc = google_crc32c.extend(crc, bytes(part[i:i + CRC_CHUNK]))
+        f.write(part)
+    f.write(struct.pack("<I", _mask(crc)))
