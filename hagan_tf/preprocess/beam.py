@@ -441,8 +441,8 @@ def _local_parallelism(options, beam_args: list[str], shards: int) -> str:
 
     runner = str(options.view_as(StandardOptions).runner)
     direct = options.view_as(DirectOptions)
-    if runner not in ("DirectRunner", "SwitchingDirectRunner") or any(
-            a.split("=")[0] in ("--direct_running_mode", "--direct_num_workers") for a in beam_args):
+    told = {a.split("=")[0] for a in beam_args} & {"--direct_running_mode", "--direct_num_workers"}
+    if runner not in ("DirectRunner", "SwitchingDirectRunner") or told:
         return runner
     workers = min(os.cpu_count() or 1, shards)
     memory = _memory_bytes()

@@ -1,4 +1,4 @@
-"""One loader for every scan format the field exchanges, all ending in the same [D, H, W] RAS+ array.
+"""One loader for every scan format the field exchanges, each ending as a [D, H, W] RAS+ array.
 
 - NIfTI (`.nii`, `.nii.gz`): nibabel, exactly as before (`transform.load_scan`).
 - NRRD (`.nrrd`, `.nhdr`) and MetaImage (`.mha`, `.mhd`): SimpleITK.
@@ -136,7 +136,8 @@ def load_itk(path: str) -> tuple[np.ndarray, dict]:
     except RuntimeError as e:
         raise ScanError(f"corrupt or truncated image data: {_itk_reason(e)}") from None
     affine = np.eye(4)
-    affine[:3, :3] = np.asarray(img.GetDirection(), float).reshape(3, 3) * np.asarray(img.GetSpacing())
+    direction = np.asarray(img.GetDirection(), float).reshape(3, 3)
+    affine[:3, :3] = direction * np.asarray(img.GetSpacing())
     affine[:3, 3] = img.GetOrigin()
     return _canonical(data.transpose(2, 1, 0), affine, {})
 
@@ -272,7 +273,7 @@ def expand_inputs(inputs: Iterable[str], fs=_LocalFS, warn: Callable[[str], None
             for root, _, files in fs.walk(pattern):
                 for f in files:
                     (scans if _is_scan_name(f) else candidates).add(fs.join(root, f))
-        elif any(c in pattern for c in "*?[") and not fs.exists(pattern):  # scan[1].nii.gz is a name
+        elif any(c in pattern for c in "*?[") and not fs.exists(pattern):  # scan[1].nii is a name
             matches = fs.glob(pattern)
             if not matches:
                 warn(f"--input {pattern!r} matches nothing")
@@ -372,14 +373,16 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
         if (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) != (rows, cols):
             raise ScanError(f"slices of different sizes: {name} is {ds.get('Rows')}x"
                             f"{ds.get('Columns')}, {name0} {rows}x{cols}")
-        if np.abs(_floats(ds, "ImageOrientationPatient", 6, name) - iop).max() > ORIENTATION_TOLERANCE:
+        if (np.abs(_floats(ds, "ImageOrientationPatient", 6, name) - iop).max()
+                > ORIENTATION_TOLERANCE):
             raise ScanError(f"slices of different orientations ({name} and {name0})")
         if np.abs(_floats(ds, "PixelSpacing", 2, name) - pixel).max() > 1e-4 * max(pixel):
             raise ScanError(f"slices of different pixel spacings ({name} and {name0})")
         positions.append(_floats(ds, "ImagePositionPatient", 3, name))
     n = len(heads)
     if int(np.prod([rows, cols, n], dtype=np.int64)) > MAX_VOXELS:
-        raise ScanError(f"series of {n} slices of {rows}x{cols} exceeds the {MAX_VOXELS}-voxel limit")
+        raise ScanError(f"series of {n} slices of {rows}x{cols} exceeds the {MAX_VOXELS}-voxel "
+                        "limit")
     ipp = np.asarray(positions)
     along = ipp @ normal
     order = np.argsort(along, kind="stable")
@@ -394,8 +397,8 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
     if off.any():
         worst = int(np.argmax(np.abs(steps - step)))
         gap = steps[worst] / np.median(steps)
-        hint = (f" ({round(gap) - 1} slice(s) missing?)" if gap > 1.5 and abs(gap - round(gap)) < 0.1
-                else "")
+        missing = gap > 1.5 and abs(gap - round(gap)) < 0.1
+        hint = f" ({round(gap) - 1} slice(s) missing?)" if missing else ""
         raise ScanError(f"irregular slice spacing: steps from {steps.min():.4g} to "
                         f"{steps.max():.4g} mm along the normal, {steps[worst]:.4g} mm after "
                         f"{along[worst]:.4g} mm{hint}")
