@@ -173,12 +173,12 @@ def batched(fn, x, batch: int):
 
 def evaluate(run_dir: str, data: str, factors_rows: list[dict], args, stages: Stages) -> dict:
     from hagan_tf.evaluation import fidelity as fd
-    from hagan_tf.run import load_hagan
+    from hagan_tf.rundir import load_hagan
 
     res = {}
     with stages("load model, read real scans, generate samples"):
         gan, step = load_hagan(run_dir)
-        cfg = gan.config_
+        cfg = gan.config
         real, ids = read_real(data, cfg.size)
         z = gan.sample_z(args.samples, args.seed)
         labels = (np.arange(args.samples) % cfg.num_classes) if cfg.num_classes else None
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stages = Stages()
     if args.run:
-        from hagan_tf.run import read_config
+        from hagan_tf.rundir import read_config
 
         config = read_config(args.run)
     else:

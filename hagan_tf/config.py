@@ -88,7 +88,7 @@ class HAGANConfig:
         if self.mixed_precision not in ("float32", "mixed_bfloat16", "mixed_float16"):
             raise ValueError(f"unknown mixed_precision policy {self.mixed_precision!r}")
 
-    # -- derived sizes (architecture doc, "Sizes as functions of S") --
+    # -- derived sizes (docs/architecture.md, "Sizes as functions of S") --
     @property
     def a_size(self) -> int:
         """Edge of the common feature map A and of X^L."""

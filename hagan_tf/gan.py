@@ -11,12 +11,12 @@ from ._compat import flatten_layers, private_override
 from .config import HAGANConfig
 from .layers import SERIAL_PACKAGE
 from .lean_ops import depth_slab
-from .models import Discriminator, Encoder, Generator, checked_labels
+from .models import ConfigAlias, Discriminator, Encoder, Generator, checked_labels
 from .optimizers import Adam, LossScaleOptimizer
 
 
 # ----------------------------------------------------------------------------------------
-# Training: one iteration = the four updates of the paper, in order (architecture doc).
+# Training: one iteration = the four updates of the paper, in order (docs/architecture.md).
 # ----------------------------------------------------------------------------------------
 
 DRAWS = ("crop", "z_d", "z_g")  # an iteration's random draws a batch may carry (train_step)
@@ -54,7 +54,7 @@ class _Training:
         Call inside the distribution strategy's scope: the optimizers' variables are created
         here, eagerly, next to the model's (lazily created ones end up outside the scope).
         """
-        cfg = self.config_
+        cfg = self.config
 
         def adam(lr):
             return Adam(lr, beta_1=cfg.beta_1, beta_2=cfg.beta_2)
@@ -88,8 +88,9 @@ class _Training:
 
     def _update_variables(self):
         """Trainable variables of each update: G, D, E^H, E^G."""
+        e = self.encoder
         return (self.generator.trainable_variables, self.discriminator.trainable_variables,
-                self.encoder.high_res.trainable_variables, self.encoder.ground.trainable_variables)
+                e.high_res.trainable_variables, e.latent_head.trainable_variables)
 
     @property
     def step(self):
@@ -103,25 +104,25 @@ class _Training:
         kernels give another stream than TF's for the same seed, so a jit_compile run draws
         other (equally reproducible) r and z than a graph run.
         """
-        hi = self.config_.max_crop // 4 + 1
-        seed = tf.stack([tf.cast(self.config_.seed, tf.int64), tf.cast(step, tf.int64)])
+        hi = self.config.max_crop // 4 + 1
+        seed = tf.stack([tf.cast(self.config.seed, tf.int64), tf.cast(step, tf.int64)])
         return 4 * tf.random.stateless_uniform([], seed, 0, hi, dtype=tf.int32, alg="philox")
 
     def draw_z(self, step, n, stream: int):
         """Latent draw, distinct per replica and per update, reproducible from (seed, step)."""
         rid, _ = _replica()
-        a = tf.cast(self.config_.seed * 1009 + stream * 101, tf.int64) + tf.cast(rid, tf.int64) + 1
+        a = tf.cast(self.config.seed * 1009 + stream * 101, tf.int64) + tf.cast(rid, tf.int64) + 1
         seed = tf.stack([a, tf.cast(step, tf.int64)])
-        return tf.random.stateless_normal((n, self.config_.latent_dim), seed, alg="philox")
+        return tf.random.stateless_normal((n, self.config.latent_dim), seed, alg="philox")
 
     def real_low_res(self, volume):
         """Real X^L: the volume downsampled by 4 (nearest, the paper's default, or area mean)."""
-        if self.config_.downsample == "area":
+        if self.config.downsample == "area":
             return tf.nn.avg_pool3d(volume, 4, 4, "VALID")
         return volume[:, ::4, ::4, ::4]
 
     def real_slab(self, volume, crop):
-        return depth_slab(volume, crop, self.config_.slab_depth)
+        return depth_slab(volume, crop, self.config.slab_depth)
 
     def _apply(self, opt, tape, scaled_loss, variables, out):
         """Apply the gradient of `scaled_loss`, which was scaled inside the tape (mixed_float16
@@ -138,7 +139,7 @@ class _Training:
 
     # -- the four updates; each takes the batch pieces and returns its logged values --
     def d_update(self, real_slab, real_low, labels, crop, z, global_b, aug_seed=None):
-        cfg = self.config_
+        cfg = self.config
         fake_slab, fake_low = self.generator(z, labels=labels, crop=crop)
         real_slab, real_low = self._augmented(real_slab, real_low, aug_seed, 0)
         fake_slab, fake_low = self._augmented(fake_slab, fake_low, aug_seed, 1)
@@ -175,7 +176,7 @@ class _Training:
         """`real` = (volume, real slab, real X^L) adds config.lambda_recon times the L1 of
         G(E(x)) against x, with E fixed: G must then reproduce every training scan, which a
         generator that ignores z cannot (a mode-regularised GAN, Che et al. 2017)."""
-        cfg = self.config_
+        cfg = self.config
         z_hat = None
         if real is not None and cfg.lambda_recon:
             z_hat = tf.stop_gradient(self.encoder(real[0]))
@@ -220,7 +221,7 @@ class _Training:
 
     def _d_loss_sum(self, logits, real: bool):
         """D's loss on a batch of logits, summed: BCE (the paper) or hinge."""
-        if self.config_.loss == "bce":
+        if self.config.loss == "bce":
             return _bce_sum(logits, 1.0 if real else 0.0)
         logits = tf.cast(logits, tf.float32)
         return tf.reduce_sum(tf.nn.relu(1.0 - logits if real else 1.0 + logits))
@@ -238,7 +239,7 @@ class _Training:
         average forgets the random initialisation early on (t: G's update count). Returns `out`
         made to wait for it."""
         t = tf.cast(self.g_optimizer.iterations, tf.float32)
-        decay = tf.minimum(self.config_.ema_decay, (1.0 + t) / (10.0 + t))
+        decay = tf.minimum(self.config.ema_decay, (1.0 + t) / (10.0 + t))
 
         def update(strategy):
             ops = []
@@ -262,10 +263,10 @@ class _Training:
         return self._apply(self.eh_optimizer, tape, scaled, variables, {"eh_loss": loss})
 
     def eg_update(self, volume, real_slab, real_low, labels, crop, global_b):
-        variables = self.encoder.ground.trainable_variables
+        variables = self.encoder.latent_head.trainable_variables
         features = tf.stop_gradient(self.encoder.features(volume))  # E^H frozen
         with tf.GradientTape() as tape:
-            z_hat = self.encoder.ground(features, training=True)
+            z_hat = self.encoder.latent_head(features, training=True)
             slab, low = self.generator(z_hat, labels=labels, crop=crop)
             loss = (_l1_sum_per_example(slab, real_slab)
                     + _l1_sum_per_example(low, real_low)) / (2.0 * global_b)
@@ -313,7 +314,7 @@ class _Training:
         """
         data = keras.utils.unpack_x_y_sample_weight(data)[0]  # train_on_batch packs (x, y, w)
         volume = data["volume"] if isinstance(data, dict) else data
-        labels = data.get("label") if isinstance(data, dict) and self.config_.num_classes else None
+        labels = data.get("label") if isinstance(data, dict) and self.config.num_classes else None
         draws = {k: data[k] for k in DRAWS if isinstance(data, dict) and k in data}
         # Nothing of the iteration may run before its batch exists: the G update reads no data,
         # and in one flat function it would otherwise run even when get_next() ends the epoch.
@@ -332,7 +333,7 @@ class _Training:
                     for i, k in enumerate(("z_d", "z_g")))
         real_slab = self.real_slab(volume, crop)
         real_low = self.real_low_res(volume)
-        aug_seed = tf.stack([tf.cast(self.config_.seed, tf.int32) * 7919 + tf.cast(rid, tf.int32),
+        aug_seed = tf.stack([tf.cast(self.config.seed, tf.int32) * 7919 + tf.cast(rid, tf.int32),
                              tf.cast(step, tf.int32) * 64])  # DiffAugment's (config.augment)
         updates = (lambda: self.d_update(real_slab, real_low, labels, crop, z_d, global_b, aug_seed),
                    lambda: self.g_update(labels, crop, z_g, global_b, aug_seed,
@@ -350,21 +351,21 @@ class _Training:
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
-class HAGAN(_Training, keras.Model):
+class HAGAN(ConfigAlias, _Training, keras.Model):
     """HA-GAN. `generate(z)` -> [B, S, S, S, 1] in [-1, 1]; `encode(volume)` -> [B, latent]."""
 
     def __init__(self, config: HAGANConfig | dict | None = None, **kwargs):
         super().__init__(name=kwargs.pop("name", "hagan"), **kwargs)
         if config is None:
             config = HAGANConfig()
-        self.config_ = config if isinstance(config, HAGANConfig) else HAGANConfig.from_dict(config)
-        self.generator = Generator(self.config_)
-        self.discriminator = Discriminator(self.config_)
-        self.encoder = Encoder(self.config_)
-        self.augment_ops = diffaugment.parse_ops(self.config_.augment)
+        self.config = config if isinstance(config, HAGANConfig) else HAGANConfig.from_dict(config)
+        self.generator = Generator(self.config)
+        self.discriminator = Discriminator(self.config)
+        self.encoder = Encoder(self.config)
+        self.augment_ops = diffaugment.parse_ops(self.config.augment)
         self.ema = None  # G's moving average (config.ema_decay), which load_hagan samples with
-        if self.config_.ema_decay:
-            self.ema = Generator(self.config_, name="ema_generator")
+        if self.config.ema_decay:
+            self.ema = Generator(self.config, name="ema_generator")
             self.ema.trainable = False
             self.ema.set_weights(self.generator.get_weights())
         self.built = True
@@ -378,7 +379,7 @@ class HAGAN(_Training, keras.Model):
         return True
 
     def get_config(self):
-        return {"config": self.config_.to_dict(), "name": self.name}
+        return {"config": self.config.to_dict(), "name": self.name}
 
     def build(self, input_shape=None):
         self.built = True
@@ -389,7 +390,7 @@ class HAGAN(_Training, keras.Model):
     def generate(self, z, labels=None):
         """Full-resolution volumes for latent codes z [B, latent] (and class labels [B])."""
         if tf.executing_eagerly():  # a traced caller's labels are symbolic: nothing to look at
-            labels = checked_labels(labels, self.config_.num_classes, len(z))
+            labels = checked_labels(labels, self.config.num_classes, len(z))
         return self.generator(z, labels=labels)
 
     def encode(self, volume):
@@ -398,10 +399,10 @@ class HAGAN(_Training, keras.Model):
 
     def sample_z(self, n: int, seed: int | None = None):
         rng = np.random.default_rng(seed)
-        return rng.standard_normal((n, self.config_.latent_dim)).astype("float32")
+        return rng.standard_normal((n, self.config.latent_dim)).astype("float32")
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable parameters per network, named as in the architecture doc."""
+        """Trainable parameters per network, named as in docs/architecture.md."""
         def count(m):
             return int(sum(np.prod(w.shape) for w in m.trainable_weights))
 
@@ -409,7 +410,7 @@ class HAGAN(_Training, keras.Model):
         out = {
             "G^A": count(g.common), "G^L": count(g.low_res_head), "G^H": count(g.high_res_head),
             "D^H": count(d.high_res), "D^L": count(d.low_res),
-            "E^H": count(e.high_res), "E^G": count(e.ground),
+            "E^H": count(e.high_res), "E^G": count(e.latent_head),
         }
         out["G"] = out["G^A"] + out["G^L"] + out["G^H"]
         out["D"] = out["D^H"] + out["D^L"]

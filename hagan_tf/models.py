@@ -1,9 +1,9 @@
 """The HA-GAN networks, one generic implementation for every output size S.
 
-Paper symbol -> attribute (written once here and in the README):
+Paper symbol -> attribute (docs/architecture.md has the whole map):
   G^A -> Generator.common        G^L -> Generator.low_res_head   G^H -> Generator.high_res_head
   D^H -> Discriminator.high_res  D^L -> Discriminator.low_res
-  E^H -> Encoder.high_res        E^G -> Encoder.ground           r   -> `crop` (start slice)
+  E^H -> Encoder.high_res        E^G -> Encoder.latent_head      r   -> `crop` (start slice)
 
 Channels-last throughout: volumes are [B, D, H, W, 1] and sub-volumes (slabs) are cut along D.
 The per-size layer lists follow from S alone (see `_stride2_channels`), which reproduces the
@@ -13,6 +13,7 @@ reference's 128^3 and 256^3 networks exactly and extends them to 32..512.
 from __future__ import annotations
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -64,15 +65,24 @@ def _log2(x: int) -> int:
     return int(round(math.log2(x)))
 
 
-class _Network(keras.Model):
+class ConfigAlias:
+    """`config_`, the deprecated name of `.config` (the HAGANConfig), for scripts that use it."""
+
+    @property
+    def config_(self) -> HAGANConfig:
+        warnings.warn("`.config_` is deprecated: use `.config`", DeprecationWarning, stacklevel=2)
+        return self.config
+
+
+class _Network(ConfigAlias, keras.Model):
     """Base: built from its HAGANConfig at construction, serialisable through that config."""
 
     def __init__(self, config: HAGANConfig | dict, **kwargs):
         super().__init__(**kwargs)
-        self.config_ = config if isinstance(config, HAGANConfig) else HAGANConfig.from_dict(config)
+        self.config = config if isinstance(config, HAGANConfig) else HAGANConfig.from_dict(config)
 
     def get_config(self):
-        return {"config": self.config_.to_dict(), "name": self.name}
+        return {"config": self.config.to_dict(), "name": self.name}
 
     def build(self, input_shape=None):  # sub-layers are built in __init__; nothing left to do
         self.built = True
@@ -84,7 +94,7 @@ class Generator(_Network):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, name=kwargs.pop("name", "generator"), **kwargs)
-        cfg = self.config_
+        cfg = self.config
         ch = cfg.channels
         n_up = _log2(cfg.size // 16)
         c0 = ch(COMMON_CHANNELS[0])
@@ -117,11 +127,11 @@ class Generator(_Network):
     def latent_input(self, z, labels=None):
         """z, with the one-hot class appended for the conditional model."""
         z = ops.convert_to_tensor(z)
-        if self.config_.num_classes == 0:
+        if self.config.num_classes == 0:
             return z
         if labels is None:
             raise ValueError("this generator is class-conditional: pass labels")
-        onehot = ops.one_hot(ops.cast(labels, "int32"), self.config_.num_classes, dtype=z.dtype)
+        onehot = ops.one_hot(ops.cast(labels, "int32"), self.config.num_classes, dtype=z.dtype)
         return ops.concatenate([z, onehot], axis=-1)
 
     def features(self, z, labels=None, training=False):
@@ -130,7 +140,7 @@ class Generator(_Network):
 
     def feature_slab(self, a, crop):
         """The slab of A that G^H turns into the sub-volume starting at slice `crop`."""
-        depth = self.config_.size // 32
+        depth = self.config.size // 32
         return depth_slab(a, ops.cast(crop, "int32") // 4, depth)
 
     def decode(self, a, training=False):
@@ -156,7 +166,7 @@ class HighResDiscriminator(_Network):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, name=kwargs.pop("name", "high_res"), **kwargs)
-        cfg = self.config_
+        cfg = self.config
         ch = cfg.channels
         convs = [SNConvLeaky(ch(c), 4, 2, name=f"conv_s{i}")
                  for i, c in enumerate(_stride2_channels(_log2(cfg.size // 32), 64))]
@@ -196,7 +206,7 @@ class LowResDiscriminator(_Network):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, name=kwargs.pop("name", "low_res"), **kwargs)
-        cfg = self.config_
+        cfg = self.config
         ch = cfg.channels
         convs = [SNConvLeaky(ch(c), 4, 2, name=f"conv{i}")
                  for i, c in enumerate(_stride2_channels(_log2(cfg.size // 16), 256))]
@@ -210,7 +220,7 @@ class LowResDiscriminator(_Network):
 
     def call(self, x, training=False):
         h = self.convs(x, training=training)
-        if self.config_.num_classes == 0:
+        if self.config.num_classes == 0:
             return h
         return h[:, :1], h[:, 1:]
 
@@ -221,15 +231,15 @@ class Discriminator(_Network):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, name=kwargs.pop("name", "discriminator"), **kwargs)
-        self.high_res = HighResDiscriminator(self.config_)
-        self.low_res = LowResDiscriminator(self.config_)
+        self.high_res = HighResDiscriminator(self.config)
+        self.low_res = LowResDiscriminator(self.config)
         self.built = True
 
     def call(self, slab, low_res, crop, training=False):
-        position = ops.cast(crop, "float32") / float(self.config_.max_crop)
+        position = ops.cast(crop, "float32") / float(self.config.max_crop)
         h = self.high_res(slab, position, training=training)
         l = self.low_res(low_res, training=training)
-        if self.config_.num_classes == 0:
+        if self.config.num_classes == 0:
             return (h + l) / 2.0
         return (h[0] + l[0]) / 2.0, (h[1] + l[1]) / 2.0
 
@@ -240,7 +250,7 @@ class Encoder(_Network):
 
     def __init__(self, config, **kwargs):
         super().__init__(config, name=kwargs.pop("name", "encoder"), **kwargs)
-        cfg = self.config_
+        cfg = self.config
         ch = cfg.channels
         a_ch = ch(COMMON_CHANNELS[-1])
         self.high_res = keras.Sequential(
@@ -257,9 +267,15 @@ class Encoder(_Network):
             name="ground")
         self.built = True
 
+    @property
+    def latent_head(self):
+        """E^G: E^H's 8 slab features joined along D (an A) -> z-hat. Stored as `ground` (the
+        paper's "ground encoder"), the name that checkpoints and the Keras layer carry."""
+        return self.ground
+
     def slabs(self, volume):
         """[B, S, S, S, 1] -> its 8 slabs as a batch [B*8, S/8, S, S, 1], in D order."""
-        s, d = self.config_.size, self.config_.slab_depth
+        s, d = self.config.size, self.config.slab_depth
         return ops.reshape(volume, (-1, d, s, s, 1))
 
     def features(self, volume, training=False):
@@ -268,7 +284,7 @@ class Encoder(_Network):
         The slabs go through E^H two positions at a time, one group after the other: all 8 at
         once held ~1.1 GB of E^H activations at 256^3, the E^G update's peak.
         """
-        a, d = self.config_.a_size, self.config_.slab_depth
+        a, d = self.config.a_size, self.config.slab_depth
         parts = []
         for start in range(0, 8 * d, 2 * d):
             with tf.control_dependencies(parts[-1:]):
@@ -277,4 +293,4 @@ class Encoder(_Network):
         return ops.concatenate(parts, axis=1)
 
     def call(self, volume, training=False):
-        return self.ground(self.features(volume, training=training), training=training)
+        return self.latent_head(self.features(volume, training=training), training=training)

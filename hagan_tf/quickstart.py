@@ -134,7 +134,7 @@ def summary_main(argv=None) -> int:
     if args.layers:
         for net in (gan.generator.common, gan.generator.low_res_head, gan.generator.high_res_head,
                     gan.discriminator.high_res.convs, gan.discriminator.low_res.convs,
-                    gan.encoder.high_res, gan.encoder.ground):
+                    gan.encoder.high_res, gan.encoder.latent_head):
             net.summary()
     for k, v in gan.parameter_counts().items():
         print(f"{k:>4}: {v:>12,}")

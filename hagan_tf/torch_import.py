@@ -19,6 +19,7 @@ import numpy as np
 
 from ._compat import kernel_variable
 from .config import HAGANConfig
+from .state_dict import TORCH_HINT, read_state_dict  # noqa: F401 (both were defined here)
 
 SIZES = (128, 256)
 NETWORKS = {  # CLI option -> (what the file holds, published file name)
@@ -27,37 +28,10 @@ NETWORKS = {  # CLI option -> (what the file holds, published file name)
     "encoder": ("E^H", "E_iter80000.pth"),
     "sub_encoder": ("E^G", "Sub_E_iter80000.pth"),
 }
-TORCH_HINT = "reading .pth files needs PyTorch: pip install '.[torch]' (CPU wheel torch==2.13.0)"
 
 
 class CheckpointMismatch(ValueError):
     """The files do not hold exactly the tensors the chosen architecture needs."""
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """The state dict of a reference .pth file as float32 arrays, 'module.' prefixes removed.
-
-    `weights_only=True` uses PyTorch's restricted unpickler: no code from the file is executed.
-    Accepts {'model': state_dict, 'optimizer': ...} (the published files) or a bare state dict.
-    """
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(TORCH_HINT) from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError, RuntimeError, EOFError... all mean "not readable safely"
-        raise ValueError(f"{path}: not a PyTorch weights file that loads with weights_only=True ({e})") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict, ...}}, got {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        key = key[len("module."):] if key.startswith("module.") else key
-        out[key] = (value.detach().cpu().float().numpy() if isinstance(value, torch.Tensor)
-                    else np.asarray(value, dtype=object))
-    return out
 
 
 # --- layout conversions: PyTorch array -> Keras array ---------------------------------------------
@@ -168,7 +142,7 @@ def _entries(model, network: str) -> list:
             out += _block_entries(f"conv{i}", f"bn{i}", b)
         return out
     if network == "sub_encoder":
-        blocks = _of_type(model.encoder.ground, ConvBlock)
+        blocks = _of_type(model.encoder.latent_head, ConvBlock)
         out = []
         for i, b in enumerate(blocks, 6 - len(blocks)):
             out += _block_entries(f"conv{i}", f"bn{i}", b)
@@ -253,7 +227,7 @@ def import_torch(out: str, size: int, generator: str, discriminator: str | None 
     import tensorflow as tf
 
     from .gan import HAGAN
-    from .run import save_model, write_config
+    from .rundir import save_model, write_config
 
     if (encoder is None) != (sub_encoder is None):
         raise ValueError("give --encoder and --sub-encoder together (E^H and E^G form one encoder)")
@@ -312,11 +286,11 @@ def main(argv=None):
         p.error(str(e))
     left = [f"--{opt.replace('_', '-')}" for opt in ("discriminator", "encoder")
             if getattr(args, opt) is None]
-    print(f"wrote {args.out} (size {args.size}, latent {model.config_.latent_dim}, "
+    print(f"wrote {args.out} (size {args.size}, latent {model.config.latent_dim}, "
           f"{args.num_classes} classes, step {step})")
     if left:
         print(f"note: no {' / '.join(left)} given: those networks keep a random initialisation")
-    latent = model.config_.latent_dim
+    latent = model.config.latent_dim
     if args.discriminator is None and args.sub_encoder is None and (latent, args.num_classes) != (
             PUBLISHED_LATENT, 0):  # only D and E^G have a layer sized by the class count
         print(f"note: the generator alone cannot confirm --num-classes: its fc1 takes "

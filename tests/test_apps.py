@@ -12,8 +12,8 @@ from hagan_tf.apps import augment, directions, embed
 from hagan_tf.apps.common import class_counts, write_csv
 from hagan_tf.data.pipeline import make_dataset
 from hagan_tf.data.synthetic import write_synthetic_dataset
-from hagan_tf.run import save_model, write_config
-from hagan_tf.source import open_model
+from hagan_tf.rundir import save_model, write_config
+from hagan_tf.trained import open_model
 
 CFG = HAGANConfig(size=32, width=0.125, latent_dim=16, num_classes=2)
 
@@ -64,8 +64,8 @@ def test_embed_from_an_exported_model_matches_the_run(run_dir, data_dir, embeddi
     """
     import tensorflow as tf
 
-    from hagan_tf.run import load_hagan
-    from hagan_tf.source import CONFIG_ASSET
+    from hagan_tf.rundir import load_hagan
+    from hagan_tf.layout import CONFIG_ASSET
 
     gan = load_hagan(run_dir)[0]
     module = tf.Module()

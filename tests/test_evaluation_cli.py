@@ -11,7 +11,7 @@ from hagan_tf import HAGAN, HAGANConfig
 from hagan_tf.data.synthetic import write_synthetic_dataset
 from hagan_tf.evaluation import cli
 from hagan_tf.evaluation.inception import SliceInceptionScorer, slices_for_classifier
-from hagan_tf.run import save_model, write_config
+from hagan_tf.rundir import save_model, write_config
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from keras import ops
 from hagan_tf import HAGAN, HAGANConfig
 from hagan_tf.layers import SNConv3D, SNDense
 
-# Reference parameter counts (architecture doc), trainable only.
+# Reference parameter counts (the authors' networks, docs/architecture.md), trainable only.
 REFERENCE = {
     128: {"G^A": 52_392_256, "G^H": 56_257, "G^L": 69_697, "G": 52_518_210,
           "D^H": 4_599_073, "D^L": 2_642_369, "D": 7_241_442,
@@ -186,7 +186,7 @@ def test_keras_save_load_round_trip(tmp_path):
     path = str(tmp_path / "hagan.keras")
     gan.save(path)
     loaded = keras.saving.load_model(path)
-    assert loaded.config_ == cfg
+    assert loaded.config == cfg
     np.testing.assert_array_equal(loaded.generate(z, labels), vol)
     np.testing.assert_array_equal(loaded.encode(vol), gan.encode(vol))
     for a, b in zip(loaded.discriminator(slab, low, crop), gan.discriminator(slab, low, crop)):

@@ -11,7 +11,7 @@ from hagan_tf import HAGAN, HAGANConfig
 from hagan_tf import diffaugment
 from hagan_tf.data.synthetic import write_synthetic_dataset
 from hagan_tf.evaluation.metrics import mean_pairwise_l1
-from hagan_tf.run import load_hagan
+from hagan_tf.rundir import load_hagan
 from hagan_tf.serving import export
 from hagan_tf.training.callbacks import CollapseDetector
 from hagan_tf.training.cli import train
@@ -174,7 +174,7 @@ class _Stub(keras.Model):
 
     def __init__(self, fn):
         super().__init__()
-        self.config_ = tiny()
+        self.config = tiny()
         self.ema = None
         self.generator = type("G", (), {"preview": staticmethod(lambda z, labels=None: fn(z))})()
 

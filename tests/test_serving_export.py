@@ -9,9 +9,10 @@ import pytest
 import tensorflow as tf
 
 from hagan_tf import HAGAN, HAGANConfig
-from hagan_tf.run import save_model, write_config
+from hagan_tf.rundir import save_model, write_config
 from hagan_tf.serving import export
-from hagan_tf.source import CONFIG_ASSET, open_model
+from hagan_tf.layout import CONFIG_ASSET
+from hagan_tf.trained import open_model
 
 CFG = HAGANConfig(size=32, width=0.125, latent_dim=16, spacing=1.5)
 BIN = os.path.dirname(sys.executable)

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch", reason="the torch extra is not installed (p
 import torch_reference as R  # noqa: E402
 
 from hagan_tf import torch_import as T  # noqa: E402
-from hagan_tf.run import load_hagan  # noqa: E402
+from hagan_tf.rundir import load_hagan  # noqa: E402
 
 TOL = 1e-4
 CROP_128 = 50  # not a multiple of 4: the slab of A starts at 50 // 4, as in the reference
@@ -53,7 +53,7 @@ def published_128(tmp_path_factory):
 def test_import_writes_a_run_directory(published_128):
     gan, step = published_128["gan"], published_128["step"]
     assert step == 80000  # from G_iter80000.pth
-    assert (gan.config_.size, gan.config_.latent_dim, gan.config_.num_classes) == (128, 1024, 0)
+    assert (gan.config.size, gan.config.latent_dim, gan.config.num_classes) == (128, 1024, 0)
     # the imported values are the file's, not a fresh initialisation
     fc = published_128["nets"]["generator"].fc1
     np.testing.assert_array_equal(gan.generator.common.get_layer("fc").bias.numpy().reshape(4, 4, 4, 512),
@@ -125,7 +125,7 @@ def test_discriminator_parity_128(published_128):
 
 
 def test_reference_matches_the_published_parameter_counts():
-    """The PyTorch reference used here has the exact sizes of the authors' networks (architecture doc)."""
+    """The PyTorch reference used here has the exact sizes of the authors' networks (docs/architecture.md)."""
     def count(m):
         return sum(p.numel() for p in m.parameters())
 
@@ -195,7 +195,7 @@ def test_import_256_conditional(conditional_256):
                   + _cli_args(conditional_256["paths"])) == 0
     gan, step = load_hagan(run)
     assert step == 1234
-    assert (gan.config_.size, gan.config_.latent_dim, gan.config_.num_classes) == (256, 64, 3)
+    assert (gan.config.size, gan.config.latent_dim, gan.config.num_classes) == (256, 64, 3)
     rng = np.random.default_rng(3)
 
     # the discriminator, both heads (D^H has conv1 and D^L sub_D.conv1 at 256)

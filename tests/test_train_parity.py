@@ -1,6 +1,6 @@
 """Step parity: our training iteration against the authors' train.py iteration, in PyTorch.
 
-`Reference` re-states the loop body of batmanlab/HA-GAN's train.py (architecture doc, "One
+`Reference` re-states the loop body of batmanlab/HA-GAN's train.py (docs/architecture.md, "One
 training iteration") on the networks of tests/torch_reference.py, generic in size and width: the
 four updates in order (D, G, E^H, E^G), the authors' requires_grad toggling, Adam with betas
 (0, 0.999), BCEWithLogits and L1 means, nearest X^L, the slab of A at r // 4, E^H frozen under
@@ -338,7 +338,7 @@ def run_parity(size, width, latent_dim, num_classes, k=K, seed=0):
     error of each kind).
     """
     gan, ref = build(size, width, latent_dim, num_classes, seed)
-    cfg = gan.config_
+    cfg = gan.config
     # before any step: the table covers every variable both ways, and the import is exact
     for net, variables in _ours_trainable(gan).items():
         covered = {id(p) for _, var, _, _ in T._entries(gan, net) if var is not None for p in _parts(var)}

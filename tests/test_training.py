@@ -263,7 +263,7 @@ def test_sigterm_to_one_worker_stops_every_worker_after_the_same_step_with_a_che
 
 
 def _weights(run):
-    from hagan_tf.run import load_hagan
+    from hagan_tf.rundir import load_hagan
 
     model, step = load_hagan(run)
     return step, [w.numpy() for w in model.weights]
@@ -290,7 +290,7 @@ def test_resume_refuses_a_different_model(data, tmp_path):
         train(tiny(max_steps=2).replace(latent_dim=32), data, run, progress=False)
     # A run that failed before its first checkpoint holds nothing to resume: any config goes.
     early = str(tmp_path / "early")
-    from hagan_tf.run import write_config
+    from hagan_tf.rundir import write_config
 
     write_config(early, tiny(latent_dim=32))
     assert train(tiny(max_steps=1), data, early, tf.distribute.get_strategy(),
@@ -413,7 +413,7 @@ def test_records_of_another_size_are_refused_by_name_before_any_work(data, tmp_p
     with pytest.raises(ValueError, match=r"^the volumes .* are not 64\^3"):
         check_records(str(bare), 64)
     run = str(tmp_path / "run")
-    from hagan_tf.run import save_model, write_config
+    from hagan_tf.rundir import save_model, write_config
     cfg = HAGANConfig(size=64, width=0.125, latent_dim=16)
     write_config(run, cfg)
     save_model(run, HAGAN(cfg), 0)
@@ -464,7 +464,7 @@ def test_a_dataset_rewritten_in_place_and_values_float16_cannot_hold(data, tmp_p
 
 
 def test_a_checkpoint_cut_short_is_a_clear_error(data, tmp_path):
-    from hagan_tf.run import load_hagan
+    from hagan_tf.rundir import load_hagan
 
     run = str(tmp_path / "run")
     train(tiny(max_steps=1), data, run, tf.distribute.get_strategy(), progress=False)
@@ -706,9 +706,9 @@ class _FixedDraws(HAGAN):
     """Fixed r and z: XLA's Philox kernels draw another stream than TF's for the same seed."""
 
     def draw_z(self, step, n, stream):
-        i = tf.cast(tf.range(n * self.config_.latent_dim), tf.float32)
+        i = tf.cast(tf.range(n * self.config.latent_dim), tf.float32)
         return tf.reshape(tf.sin(1.7 * i + tf.cast(stream + step, tf.float32)),
-                          (n, self.config_.latent_dim))
+                          (n, self.config.latent_dim))
 
     def draw_crop(self, step):
         return tf.constant(8)

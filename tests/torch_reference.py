@@ -1,4 +1,4 @@
-"""The reference HA-GAN networks in PyTorch, written from docs/hagan-architecture.md.
+"""The reference HA-GAN networks in PyTorch, as the authors' code builds them (docs/architecture.md).
 
 Only the tests use this: it fixes the published state-dict names and shapes (channels-first,
 layers numbered by position, BigGAN-style spectral norm with buffers u0/sv0) and gives the

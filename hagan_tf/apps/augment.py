@@ -16,15 +16,15 @@ import warnings
 import numpy as np
 from tqdm import tqdm
 
+from ..arrays import downsample
 from .common import (AppError, add_model_args, class_counts, iter_volumes, main_wrapper, markdown_table,
-                     open_source, warn)
+                     open_model_from_args, warn)
 
 
-def downsample(volumes, size: int) -> np.ndarray:
-    """[B, S, S, S, 1] -> [B, size, size, size, 1] by averaging f^3 blocks (f = S / size)."""
+def to_size(volumes, size: int) -> np.ndarray:
+    """[B, S, S, S, 1] -> float32 [B, size, size, size, 1], averaging (S / size)^3 blocks."""
     v = np.asarray(volumes, np.float32)
-    b, f = v.shape[0], v.shape[1] // size
-    return v.reshape(b, size, f, size, f, size, f, 1).mean(axis=(2, 4, 6)) if f > 1 else v
+    return downsample(v, v.shape[1] // size)
 
 
 def build_classifier(size: int, num_classes: int):
@@ -67,7 +67,7 @@ def load_real(source, data_dir: str, size: int, batch_size: int):
     """(volumes at classifier size, labels, folds) of the labelled records."""
     vols, labels, folds = [], [], []
     for batch in iter_volumes(data_dir, batch_size, source.config.size):
-        vols.append(downsample(batch["volume"], size))
+        vols.append(to_size(batch["volume"], size))
         labels.append(batch["label"])
         folds.append(batch["fold"])
     if not vols:
@@ -93,7 +93,7 @@ def generate(source, counts, size: int, batch_size: int, seed: int):
             vol = source.generate(z[i:i + batch_size].astype(np.float32), labels[i:i + batch_size])
             for v, c in zip(vol, labels[i:i + batch_size]):
                 examples.setdefault(int(c), v)
-            out.append(downsample(vol, size))
+            out.append(to_size(vol, size))
             bar.update(len(vol))
     return np.concatenate(out), labels, examples
 
@@ -125,7 +125,7 @@ def run(args) -> dict:
 
     if args.fraction <= 0 or args.epochs < 1 or args.batch_size < 1 or args.gen_batch_size < 1:
         raise AppError("--fraction must be > 0; --epochs, --batch-size, --gen-batch-size >= 1")
-    source = open_source(args)
+    source = open_model_from_args(args)
     cfg = source.config
     if cfg.num_classes == 0:
         raise AppError("hagan-augment needs a conditional model (num_classes > 0); "

@@ -7,10 +7,12 @@ import math
 import os
 import re
 import sys
+import warnings
 from collections import Counter
 
 import numpy as np
 
+from ..arrays import class_counts  # noqa: F401 (its home is hagan_tf.arrays; the apps import it here)
 from ..layout import DEFAULT_MODEL_NAME
 
 SUBJECT = "subject_id"
@@ -19,14 +21,6 @@ Z_COLUMN = re.compile(r"^z(\d+)$")
 
 class AppError(Exception):
     """Bad input from the user: the command prints it after its usage line and exits with 2."""
-
-
-def class_counts(labels, num_classes: int, total: int) -> np.ndarray:
-    """`total` split over classes in the proportions of `labels` (largest remainder)."""
-    share = np.bincount(labels, minlength=num_classes) / len(labels) * total
-    counts = np.floor(share).astype(int)
-    counts[np.argsort(counts - share, kind="stable")[: total - counts.sum()]] += 1
-    return counts
 
 
 def add_model_args(parser) -> None:
@@ -40,17 +34,24 @@ def add_model_args(parser) -> None:
     parser.add_argument("--version", type=int, help="version under --model-base (default: the newest)")
 
 
-def open_source(args):
+def open_model_from_args(args):
     """The model named by --run or --model-base; a missing or broken one is a usage error."""
     import tensorflow as tf
 
-    from ..source import open_model
+    from ..trained import open_model
 
     try:
         return open_model(run=args.run, model_base=args.model_base, name=args.name,
                           step=args.step, version=args.version)
     except (OSError, ValueError, tf.errors.OpError) as e:
         raise AppError(f"cannot open the model: {getattr(e, 'message', None) or e}") from e
+
+
+def open_source(args):
+    """Deprecated name of `open_model_from_args`."""
+    warnings.warn("hagan_tf.apps.common.open_source is deprecated: use open_model_from_args",
+                  DeprecationWarning, stacklevel=2)
+    return open_model_from_args(args)
 
 
 def main_wrapper(parser, run, argv=None):

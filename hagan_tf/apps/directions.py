@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .common import (AppError, add_model_args, join_target, main_wrapper, markdown_table, monotonic,
-                     open_source, read_embeddings, warn, write_csv)
+                     open_model_from_args, read_embeddings, warn, write_csv)
 
 
 def fit_direction(x, y, alpha: float = 0.0):
@@ -87,7 +87,7 @@ def run(args) -> dict:
     if args.alpha < 0 or args.sd <= 0:
         raise AppError("--alpha must be >= 0 and --sd > 0")
     band = parse_measure(args.measure)
-    source = open_source(args)
+    source = open_model_from_args(args)
     cfg = source.config
     _, x, y = join_target(args.embeddings, args.targets, args.target, min_rows=3)
     if x.shape[1] != cfg.latent_dim:

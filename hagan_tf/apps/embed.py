@@ -10,7 +10,8 @@ import argparse
 
 import numpy as np
 
-from .common import SUBJECT, AppError, add_model_args, iter_volumes, main_wrapper, open_source, warn, write_csv
+from .common import (SUBJECT, AppError, add_model_args, iter_volumes, main_wrapper, open_model_from_args, warn,
+                     write_csv)
 
 
 def embed(source, data_dir: str, batch_size: int = 2) -> tuple[list[str], np.ndarray]:
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> str:
     if args.batch_size < 1:
         raise AppError("--batch-size must be at least 1")
-    source = open_source(args)
+    source = open_model_from_args(args)
     ids, z = embed(source, args.data, args.batch_size)
     write_embeddings(args.out, ids, z)
     print(f"wrote {len(ids)} embeddings of dimension {z.shape[1]} to {args.out}")

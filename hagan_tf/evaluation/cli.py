@@ -17,7 +17,7 @@ import textwrap
 
 import numpy as np
 
-from ..apps.common import class_counts
+from ..arrays import class_counts, downsample
 from ..data.records import read_manifest
 from ..io import montage_png
 from ..layout import DEFAULT_MODEL_NAME
@@ -61,14 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "(about 5 s per pair at 256^3 on one CPU core)")
     p.add_argument("--out", required=True, help="report directory")
     return p
-
-
-def downsample(volumes: np.ndarray, factor: int) -> np.ndarray:
-    """Average pooling of [B, S, S, S, 1] by an integer factor (area resampling)."""
-    if factor == 1:
-        return volumes
-    b, s = volumes.shape[0], volumes.shape[1] // factor
-    return volumes.reshape(b, s, factor, s, factor, s, factor, 1).mean((2, 4, 6))
 
 
 class _Set:
@@ -288,7 +280,7 @@ def main(argv=None) -> int:
 
     from tqdm import tqdm
 
-    from ..source import open_model
+    from ..trained import open_model
 
     try:
         model = open_model(run=args.run, model_base=args.model_base, name=args.name,

@@ -54,7 +54,7 @@ def _resnet_fn(model, batch_size):
 
 def make_extractor(name: str, weights: str | None = None, source=None, seed: int = 0,
                    width: float = 1.0, batch_size: int = 4) -> Extractor:
-    """`weights` for medicalnet; `source` (hagan_tf.source.open_model) for encoder;
+    """`weights` for medicalnet; `source` (hagan_tf.trained.open_model) for encoder;
     `seed` and `width` for random-resnet."""
     from .resnet3d import load_torch_weights, medicalnet_resnet
 

@@ -12,6 +12,8 @@ import numpy as np
 from scipy import linalg, ndimage
 from sklearn.metrics.pairwise import euclidean_distances, polynomial_kernel, rbf_kernel
 
+from ..arrays import mean_pairwise_l1  # noqa: F401 (its home is hagan_tf.arrays: hagan-train uses it)
+
 # Wang et al. 2003 scale weights, finest first; truncated and renormalised for small volumes.
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 
@@ -181,15 +183,3 @@ def ms_ssim_diversity(volumes, max_pairs: int | None = None, seed: int = 0, **kw
         pick = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
         pairs = [pairs[i] for i in sorted(pick)]
     return float(np.mean([ms_ssim_3d(vols[i], vols[j], **kw) for i, j in pairs]))
-
-
-def mean_pairwise_l1(volumes) -> float:
-    """Mean |a - b| over distinct pairs of volumes [N, ...]: 0 when every volume is the same.
-
-    The diversity measure of the collapse check in hagan-train and of benchmarks/fidelity.py
-    (as a difference of means it is computed in one pass per pair, not N^2 copies)."""
-    v = np.asarray(volumes, np.float32).reshape(len(volumes), -1)
-    if len(v) < 2:
-        raise ValueError("pairwise L1 needs at least 2 volumes")
-    total = sum(float(np.abs(v[i + 1:] - v[i]).mean(axis=1).sum()) for i in range(len(v) - 1))
-    return total / (len(v) * (len(v) - 1) / 2)

@@ -11,10 +11,10 @@ Layer names are the PyTorch module names with '.' -> '_' ("layer3_0_downsample_0
 
 from __future__ import annotations
 
-import os
-
 import keras
 import numpy as np
+
+from ..state_dict import read_state_dict
 
 RESNET50_BLOCKS = (3, 4, 6, 3)
 PLANES = (64, 128, 256, 512)
@@ -78,36 +78,6 @@ def medicalnet_resnet(blocks=RESNET50_BLOCKS, width: float = 1.0, seed: int | No
             in_ch = c(planes) * EXPANSION
     features = keras.layers.GlobalAveragePooling3D(name="pool")(x)
     return keras.Model(inputs, features, name=name)
-
-
-def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    """A PyTorch state dict as NumPy arrays, without executing pickled code.
-
-    `.pth`/`.pt` go through torch.load(weights_only=True) (torch must be installed); `.npz`
-    holding the same keys is read with allow_pickle=False. A {'state_dict': ...} wrapper and
-    DataParallel's 'module.' prefix are removed.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file {path!r} does not exist")
-    if path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as f:
-            state = {k: f[k] for k in f.files}
-    else:
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError("reading a .pth file needs PyTorch: pip install 'hagan-tf[torch]' "
-                              "(or convert the state dict to .npz)") from e
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - torch raises many types for bad/unsafe files
-            raise ValueError(f"{path!r} is not a weights-only PyTorch state dict: {e}") from e
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise ValueError(f"{path!r} does not hold a state dict")
-        state = {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, "detach")}
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 
 
 def load_torch_weights(model: keras.Model, state: dict[str, np.ndarray] | str) -> list[str]:

@@ -63,7 +63,7 @@ class ServingModule(tf.Module):
         variables = list(gan.generator.variables) + list(gan.encoder.variables)
         self.weights = [v.value for v in variables]
         self.nets = types.SimpleNamespace(generator=gan.generator, encoder=gan.encoder)  # untracked
-        self.config = gan.config_
+        self.config = gan.config
         self._config_text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
 
     def _checked_labels(self, labels, n):
@@ -136,7 +136,7 @@ def export_model(gan, model_base: str, name: str = DEFAULT_MODEL_NAME, version: 
         module = ServingModule(gan)
         tf.saved_model.save(module, tmp, signatures=module.signatures())
         tf.io.gfile.makedirs(os.path.join(tmp, os.path.dirname(CONFIG_ASSET)))
-        gan.config_.to_yaml(os.path.join(tmp, CONFIG_ASSET))
+        gan.config.to_yaml(os.path.join(tmp, CONFIG_ASSET))
         write_warmup(tmp)  # assets.extra/tf_serving_warmup_requests: TF Serving warms up with it
         if "://" in model_base:
             _move_files(tmp, final)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     if args.version is not None and tf.io.gfile.exists(os.path.join(model_dir, str(args.version))):
         parser.error(f"{os.path.join(model_dir, str(args.version))!r} already exists; "
                      "pick another --version")
-    from ..run import load_hagan
+    from ..rundir import load_hagan
 
     try:
         gan, step = load_hagan(args.run, args.step)

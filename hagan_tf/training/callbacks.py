@@ -131,7 +131,7 @@ class Monitor(keras.callbacks.Callback):
         """Mid axial/coronal/sagittal slices of real, fake slab, fake volume, reconstruction."""
         from ..io import mid_slices
 
-        gan, cfg = self.model, self.model.config_
+        gan, cfg = self.model, self.model.config
         real = self.sample_batch["volume"][:1]
         labels = self.sample_batch.get("label")
         labels = labels[:1] if labels is not None and cfg.num_classes else None
@@ -188,7 +188,7 @@ class CollapseDetector(keras.callbacks.Callback):
     def __init__(self, real_low_res, every: int, threshold: float, writer=None, n: int = 8,
                  seed: int = 0, labels=None, patience: int = 2):
         super().__init__()
-        from ..evaluation.metrics import mean_pairwise_l1
+        from ..arrays import mean_pairwise_l1
 
         self.diversity = mean_pairwise_l1
         self.real = float(mean_pairwise_l1(np.asarray(real_low_res)))
@@ -201,7 +201,7 @@ class CollapseDetector(keras.callbacks.Callback):
     def check(self, step: int) -> dict:
         """Measure now; returns {'samples', 'real', 'ratio'} and warns on the first collapse."""
         gan = self.model
-        cfg = gan.config_
+        cfg = gan.config
         z = tf.random.stateless_normal((self.n, cfg.latent_dim), [self.seed, 11])
         labels = None
         if cfg.num_classes:

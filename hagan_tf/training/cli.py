@@ -17,7 +17,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from .. import run as rundir
+from .. import rundir  # noqa: E402
 from .._compat import report_error_to_cluster  # noqa: E402
 from ..config import HAGANConfig  # noqa: E402
 from ..data.pipeline import check_records, count_examples, count_rows, make_dataset  # noqa: E402
