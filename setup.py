@@ -33,7 +33,7 @@ setup(
     package_data={"hagan_tf": ["configs/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+        "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "import-linter==2.16"],
         "torch": ["torch==2.13.0"],
     },
     entry_points={
