@@ -52,6 +52,8 @@ class HAGANConfig:
     fold: int | None = None  # hold this fold out of training (cross-validation)
     shuffle_buffer: int = 64
     spacing: float = 1.0  # voxel size in mm of the training volumes (NIfTI affine of samples)
+    # inference
+    tile_depth: int = 32  # output slices decoded at a time (exactly, in bounded memory; 0: all)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -79,6 +81,9 @@ class HAGANConfig:
             raise ValueError(f"loss must be 'bce' or 'hinge', got {self.loss!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.tile_depth < 0:
+            raise ValueError(f"tile_depth must be >= 0 (0: decode the whole volume at once), "
+                             f"got {self.tile_depth}")
         if min(self.r1_gamma, self.lambda_recon, self.lambda_ms, self.diversity_every, self.collapse_threshold) < 0:
             raise ValueError("r1_gamma, lambda_recon, lambda_ms, diversity_every and collapse_threshold "
                              "must be >= 0")

@@ -42,16 +42,18 @@ def rewrites_on(dtype=None) -> bool:
     return not _compat.onednn_enabled() or dtype == tf.bfloat16
 
 
-def conv3d(x, kernel, strides=1, padding="SAME", upsample=False):
+def conv3d(x, kernel, strides=1, padding="SAME", upsample=False, inference=False):
     """conv3d(x, kernel) (no bias), or with `upsample` conv3d(nearest_upsample_x2(x), kernel)
     (3^3 kernel, stride 1, 'SAME'): TF's own ops, or the rewrites where `rewrites_on(x.dtype)`.
 
-    An upsampling convolution is fused (`upsample_conv3d`) only on the rewrite path, and not
-    where the weights dominate (see `_weights_dominate`).
+    An upsampling convolution is fused (`upsample_conv3d`) on the rewrite path and in inference
+    (forward only: faster on oneDNN too, and never the 8x upsampled tensor; the tiled decode of
+    hagan_tf.tiled uses it, so a whole decode and a tiled one agree), but not where the weights
+    dominate (see `_weights_dominate`).
     """
     rewrite = rewrites_on(tf.as_dtype(x.dtype))
     if upsample:
-        if rewrite and not _weights_dominate(x):
+        if (rewrite or inference) and not _weights_dominate(x):
             return upsample_conv3d(x, kernel)
         x = upsample_nearest(x)
     if not rewrite:

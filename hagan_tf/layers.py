@@ -203,9 +203,9 @@ class ConvBlock(layers.Layer):
         if self.norm is not None:
             self.norm.build(self.conv.compute_output_shape(shape))
 
-    def call(self, x):
+    def call(self, x, training=False):
         if self.upsample:  # conv3d fuses the upsampling into the convolution where it pays
-            x = conv3d(x, self.conv.kernel, upsample=True) + self.conv.bias
+            x = conv3d(x, self.conv.kernel, upsample=True, inference=not training) + self.conv.bias
         else:
             x = self.conv(x)
         if self.post == "gn_relu":

@@ -100,7 +100,7 @@ def upsample_nearest(x):
     return tf.reshape(x, [-1, 2 * d, 2 * h, 2 * w, c])
 
 
-def _channel_sums(x):
+def channel_sums(x):
     """Sums of x [B, ..., C] over its spatial axes -> [B, C], one axis at a time.
 
     TF's CPU kernels sum over outer axes one element at a time: reducing 32^3 voxels at once
@@ -137,9 +137,9 @@ def group_norm_op(x, gamma, beta, groups, epsilon):
         spatial = x.shape[1:-1]
         count = (float(np.prod(spatial.as_list()) * group) if spatial.is_fully_defined()
                  else tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]) * group, tf.float32))
-        mean = per_channel(group_mean(_channel_sums(xf), count), rank)
+        mean = per_channel(group_mean(channel_sums(xf), count), rank)
         centred = xf - mean
-        inv = per_channel(tf.math.rsqrt(group_mean(_channel_sums(tf.square(centred)), count)
+        inv = per_channel(tf.math.rsqrt(group_mean(channel_sums(tf.square(centred)), count)
                                         + epsilon), rank)
         y = centred * (inv * gamma) + beta
 
@@ -147,8 +147,8 @@ def group_norm_op(x, gamma, beta, groups, epsilon):
         def grad(dy):
             dy = tf.cast(dy, tf.float32)
             xhat = (xf - mean) * inv
-            dy_xhat = _channel_sums(dy * xhat)  # [B, C]
-            dy_sum = _channel_sums(dy)
+            dy_xhat = channel_sums(dy * xhat)  # [B, C]
+            dy_sum = channel_sums(dy)
             m1 = per_channel(group_mean(dy_sum * gamma, count), rank)
             m2 = per_channel(group_mean(dy_xhat * gamma, count), rank)
             dx = (dy * gamma - m1 - xhat * m2) * inv

@@ -155,6 +155,26 @@ class Generator(_Network):
         slab = self.decode(self.feature_slab(a, crop), training=training)
         return slab, self.low_res_head(a, training=training)
 
+    def volume(self, z, labels=None, tile_depth: int | None = None):
+        """Full volumes [B, S, S, S, 1], equal to `self(z)`, decoded `tile_depth` slices at a
+        time below G^A's second-to-last block (hagan_tf.tiled): memory then stays bounded at
+        512^3. A NumPy array eagerly, a tensor inside a tf.function. tile_depth: default the
+        config's; 0 or >= S decodes the whole volume at once."""
+        from . import tiled
+
+        depth = self.config.tile_depth if tile_depth is None else int(tile_depth)
+        if depth <= 0 or depth >= self.config.size:
+            out = self(z, labels=labels)
+            return out.numpy() if tf.executing_eagerly() else out
+        x = self.latent_input(z, labels)
+        for layer in self.common.layers[:-2]:
+            x = layer(x)
+        # G^A's last two blocks and G^H hold most of the work: G^A's second-to-last map is made
+        # slab by slab, then the rest decodes from it
+        x = tiled.decode(self.common.layers[-2:-1], x, depth)
+        x = tf.convert_to_tensor(x)  # one copy of it kept, not two
+        return tiled.decode(self.common.layers[-1:] + self.high_res_head.layers, x, depth)
+
     def preview(self, z, labels=None):
         """X^L = G^L(G^A(z)), the fast low-resolution volume."""
         return self.low_res_head(self.features(z, labels))
@@ -282,14 +302,16 @@ class Encoder(_Network):
         """E^H on every slab, concatenated back along D: an A-like [B, S/4, S/4, S/4, 64].
 
         The slabs go through E^H two positions at a time, one group after the other: all 8 at
-        once held ~1.1 GB of E^H activations at 256^3, the E^G update's peak.
+        once held ~1.1 GB of E^H activations at 256^3, the E^G update's peak. Beyond 256^3 one
+        position at a time: two 512^3 slabs hold 0.5 GiB in E^H's first layer alone.
         """
         a, d = self.config.a_size, self.config.slab_depth
+        group = 2 if self.config.size <= 256 else 1
         parts = []
-        for start in range(0, 8 * d, 2 * d):
+        for start in range(0, 8 * d, group * d):
             with tf.control_dependencies(parts[-1:]):
-                f = self.high_res(self.slabs(volume[:, start:start + 2 * d]), training=training)
-            parts.append(ops.reshape(f, (-1, d // 2, a, a, f.shape[-1])))  # 2 slabs, depth d/4 each
+                f = self.high_res(self.slabs(volume[:, start:start + group * d]), training=training)
+            parts.append(ops.reshape(f, (-1, group * d // 4, a, a, f.shape[-1])))  # D/4 per slab
         return ops.concatenate(parts, axis=1)
 
     def call(self, volume, training=False):

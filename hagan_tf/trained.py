@@ -35,7 +35,6 @@ class RunModel:
 
         self.model, self.step = load_hagan(run_dir, step)
         self.config: HAGANConfig = self.model.config
-        self._gen = tf.function(lambda z, l: self.model.generator(z, labels=l), reduce_retracing=True)
 
     def _labels(self, n, labels):
         labels = _labels(self.config.num_classes, n, labels)
@@ -43,7 +42,7 @@ class RunModel:
 
     def generate(self, z, labels=None) -> np.ndarray:
         z = np.asarray(z, np.float32)
-        return self._gen(tf.constant(z), self._labels(len(z), labels)).numpy()
+        return self.model.generate(z, self._labels(len(z), labels))
 
     def preview(self, z, labels=None) -> np.ndarray:
         z = np.asarray(z, np.float32)

@@ -9,20 +9,21 @@ from hagan_tf import HAGANConfig
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 
-@pytest.mark.parametrize("name,size", [("paper_256", 256), ("paper_128", 128), ("tiny_32", 32),
-                                       ("small_64", 64)])
+@pytest.mark.parametrize("name,size", [("paper_512", 512), ("paper_256", 256), ("paper_128", 128),
+                                       ("tiny_32", 32), ("small_64", 64)])
 def test_presets_load(name, size):
     cfg = HAGANConfig.from_yaml(os.path.join(CONFIGS, f"{name}.yaml"))
     assert cfg.size == size
 
 
-@pytest.mark.parametrize("name", ["paper_256", "paper_128"])
+@pytest.mark.parametrize("name", ["paper_512", "paper_256", "paper_128"])
 def test_paper_presets_keep_the_papers_algorithm(name):
     """The remedies against collapse are switches that the paper presets leave off."""
     cfg = HAGANConfig.from_yaml(os.path.join(CONFIGS, f"{name}.yaml"))
     assert (cfg.loss, cfg.r1_gamma, cfg.augment, cfg.ema_decay, cfg.minibatch_std,
             cfg.lambda_recon, cfg.lambda_ms, cfg.g_norm_groups) == ("bce", 0, "", 0, False, 0, 0, 8)
-    assert (cfg.batch_size, cfg.lr_g, cfg.lr_d, cfg.beta_1) == (4, 1e-4, 4e-4, 0.0)
+    assert (cfg.lr_g, cfg.lr_d, cfg.beta_1) == (1e-4, 4e-4, 0.0)
+    assert cfg.batch_size == (1 if cfg.size == 512 else 4)  # 512^3: what one iteration fits
 
 
 def test_paper_defaults():

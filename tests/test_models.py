@@ -1,5 +1,7 @@
 """Issue 2: the networks — parameter counts, shapes, slab alignment, SN semantics, serialisation."""
 
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,6 +10,8 @@ import keras
 from keras import ops
 from hagan_tf import HAGAN, HAGANConfig
 from hagan_tf.layers import SNConv3D, SNDense
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
 # Reference parameter counts (the authors' networks, docs/architecture.md), trainable only.
 REFERENCE = {
@@ -24,6 +28,30 @@ REFERENCE = {
 def test_parameter_counts_match_reference(size):
     counts = HAGAN(HAGANConfig(size=size)).parameter_counts()
     assert {k: counts[k] for k in REFERENCE[size]} == REFERENCE[size]
+
+
+def test_512_parameter_counts_and_shapes():
+    """paper_512: the same G (the reference's 52.5M), one more stride-2 layer in D^H, D^L and E^G;
+    shapes traced, not run: A and X^L at 128^3, slabs of 64 slices, a 512^3 volume."""
+    cfg = HAGANConfig.from_yaml(os.path.join(CONFIGS, "paper_512.yaml"))
+    gan = HAGAN(cfg)
+    assert gan.parameter_counts() == {
+        "G^A": 52_392_256, "G^L": 69_697, "G^H": 56_257, "G": 52_518_210,
+        "D^H": 4_638_521, "D^L": 2_803_185, "D": 7_441_706,
+        "E^H": 161_152, "E^G": 19_630_544, "all": 79_751_612}
+    g = gan.generator
+    z = tf.TensorSpec([1, cfg.latent_dim], tf.float32)
+    assert g.common.compute_output_shape((1, cfg.latent_dim)) == (1, 128, 128, 128, 64)
+    slab, low = tf.function(lambda z: g(z, crop=tf.constant(448))).get_concrete_function(z).outputs
+    assert (slab.shape, low.shape) == ((1, 64, 512, 512, 1), (1, 128, 128, 128, 1))
+    volume = tf.function(lambda z: g.volume(z)).get_concrete_function(z).outputs[0]
+    assert volume.shape == (1, 512, 512, 512, 1)
+    logit = tf.function(lambda s, l: gan.discriminator(s, l, tf.constant(448))).get_concrete_function(
+        tf.TensorSpec(slab.shape), tf.TensorSpec(low.shape)).outputs[0]
+    assert logit.shape == (1, 1)
+    code = tf.function(lambda v: gan.encoder(v)).get_concrete_function(
+        tf.TensorSpec([1, 512, 512, 512, 1])).outputs[0]
+    assert code.shape == (1, 1024)
 
 
 def test_first_dense_layer_size():
@@ -179,7 +207,7 @@ def test_keras_save_load_round_trip(tmp_path):
     gan = HAGAN(cfg)
     z = gan.sample_z(2, seed=3)
     labels = np.array([0, 1])
-    vol = gan.generate(z, labels).numpy()
+    vol = np.asarray(gan.generate(z, labels))
     crop = tf.constant(8)
     slab, low = gan.generator(z, labels=labels, crop=crop)
     gan.discriminator(slab, low, crop, training=True)  # move u away from its initial value

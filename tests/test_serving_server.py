@@ -533,3 +533,40 @@ def test_old_import_paths_and_console_scripts_still_work():
     assert scripts["hagan-serve"].load() is server.main
     assert scripts["hagan-sample"].load() is sample_main
     assert scripts["hagan-encode"].load() is encode_main
+
+
+def test_requests_carry_at_most_two_256_cubed_volumes_unless_told():
+    from hagan_tf.serving.client import request_batch
+
+    assert [request_batch(None, s) for s in (32, 128, 256, 512)] == [4, 4, 2, 1]
+    assert request_batch(3, 512) == 3  # --batch wins
+
+
+def test_hagan_encode_reads_dicom_series_as_hagan_preprocess_does(served, tmp_path, capsys):
+    """A folder with two DICOM series and a NIfTI file: one row per scan, each series labelled
+    by folder and subject id, equal to encoding the same phantoms from NIfTI."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_readers import phantom, write_dicom_series, write_nifti
+
+    from hagan_tf.preprocess.transform import preprocess_file
+
+    gan, _, grpc_port, _ = served
+    folder = tmp_path / "dicom"
+    vols = [phantom(seed=1), phantom(seed=2)]
+    for i, vol in enumerate(vols):
+        write_dicom_series(folder, vol, patient=f"P{i}", shuffle_seed=i)
+    nifti = write_nifti(tmp_path / "one.nii.gz", vols[0])
+    out = str(tmp_path / "emb.csv")
+    assert encode_main(["--server", f"127.0.0.1:{grpc_port}", str(folder), nifti,
+                        "--out", out]) == 0
+    with open(out) as f:
+        rows = list(csv.reader(f))[1:]
+    labels = [r[0] for r in rows]
+    assert len(rows) == 3 and nifti in labels
+    assert sorted(label.split(":")[0] for label in labels if label != nifti) == [str(folder)] * 2
+    expected = {nifti: gan.encode(preprocess_file(nifti, 32)[0][None, ..., None]).numpy()[0]}
+    for label, row in zip(labels, rows):
+        if label != nifti:  # the P0 series is the same phantom as one.nii.gz
+            z = np.asarray(row[1:], np.float32)
+            match = np.abs(z - expected[nifti]).max() <= 1e-4
+            assert match == label.split(":")[1].startswith("P0"), label

@@ -14,7 +14,8 @@ import numpy as np
 from . import DEFAULT_MODEL_NAME, ServingError  # noqa: F401 (ServingError: old import path)
 from .transports import GrpcTransport, RestTransport, parse_server
 
-_MOVED = {"sample_main": "sample_cli", "encode_main": "encode_cli", "encode_transform": "encode_cli"}
+_MOVED = {"sample_main": "sample_cli", "encode_main": "encode_cli",
+          "encode_transform": "encode_cli"}
 
 
 def __getattr__(name):
@@ -97,13 +98,20 @@ def add_connection_args(p: argparse.ArgumentParser):
     p.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name (default: %(default)s)")
     p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
-    p.add_argument("--batch", type=int, default=4,
-                   help="volumes per request (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="volumes per request (default: 4, fewer where 4 would exceed 2*256^3 "
+                        "voxels: 2 at 256^3, 1 at 512^3, whose volume is 512 MiB)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
 
 
+def request_batch(batch: int | None, size: int) -> int:
+    """Volumes per request: the user's --batch, else 4 bounded to 2*256^3 voxels, so that a
+    response at 512^3 carries one volume and the client holds one at a time."""
+    return batch if batch is not None else max(1, min(4, 2 * 256**3 // size**3))
+
+
 def connect(parser, args) -> Client:
-    if args.batch < 1:
+    if args.batch is not None and args.batch < 1:
         parser.error("--batch must be >= 1")
     try:
         return Client(args.server, args.rest, args.model, args.version, args.timeout)

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from . import ServingError
-from .client import add_connection_args, chunks, connect
+from .client import add_connection_args, chunks, connect, request_batch
 
 
 def encode_transform(args) -> dict:
@@ -44,12 +44,23 @@ def encode_transform(args) -> dict:
     return settings
 
 
-def load_scan(path: str, size: int, transform: dict) -> np.ndarray:
-    """One scan as the model's input [S, S, S, 1], transformed as its training data was.
-    The one place that reads scans: a new format (DICOM, NRRD) is wired in here."""
+def find_scans(inputs: list[str]) -> list[tuple[str, object]]:
+    """(label, source) per scan in files, folders and globs, found as hagan-preprocess finds
+    them (NIfTI, NRRD, MetaImage, DICOM series by SeriesInstanceUID). The label is the path; a
+    folder holding several series labels each `FOLDER:SUBJECT_ID`."""
+    from ..preprocess import expand_inputs
+
+    items = expand_inputs(inputs)
+    paths = [str(source) for _, source in items]
+    return [(path if paths.count(path) == 1 else f"{path}:{sid}", source)
+            for path, (sid, source) in zip(paths, items)]
+
+
+def load_scan(source, size: int, transform: dict) -> np.ndarray:
+    """One scan as the model's input [S, S, S, 1], transformed as its training data was."""
     from ..preprocess.transform import preprocess_file
 
-    volume, _ = preprocess_file(path, size, **transform)
+    volume, _ = preprocess_file(source, size, **transform)
     return volume[..., None]
 
 
@@ -63,7 +74,8 @@ def encode_main(argv=None) -> int:
                     "with a served HA-GAN: one CSV row (scan, z0..z{latent-1}) per scan. A scan "
                     "that cannot be read is reported and skipped; the others are still written.")
     add_connection_args(p)
-    p.add_argument("scans", nargs="+", help="NIfTI files (.nii or .nii.gz)")
+    p.add_argument("scans", nargs="+", help="scans: NIfTI, NRRD or MetaImage files, folders "
+                   "(searched recursively; DICOM series found by SeriesInstanceUID) or globs")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--like", metavar="DATA_DIR",
                    help="the training data's directory: take the transform settings (modality, "
@@ -93,15 +105,16 @@ def encode_main(argv=None) -> int:
             f = open(args.out, "w", newline="")
         except OSError as e:
             p.error(f"cannot write --out {args.out!r}: {e.strerror}")
+        scans = find_scans(args.scans)
         with f, \
-                tqdm(total=len(args.scans), unit="scan", desc="encoding") as bar:
+                tqdm(total=len(scans), unit="scan", desc="encoding") as bar:
             out = csv.writer(f)
             out.writerow(["scan"] + [f"z{i}" for i in range(latent)])
-            for chunk in chunks(args.scans, args.batch):
+            for chunk in chunks(scans, request_batch(args.batch, int(cfg["size"]))):
                 names, volumes = [], []
-                for path in chunk:
+                for path, source in chunk:
                     try:
-                        volume = load_scan(path, size, transform)
+                        volume = load_scan(source, size, transform)
                     except Exception as e:  # noqa: BLE001 - one bad scan must not stop the rest
                         failed.append((path, f"{type(e).__name__}: {e}"))
                         continue
@@ -128,7 +141,7 @@ def encode_main(argv=None) -> int:
     for path, reason in failed:
         print(f"hagan-encode: skipped {path}: {reason}", file=sys.stderr)
     print(f"wrote {written} embeddings to {args.out}"
-          + (f"; {len(failed)} of {len(args.scans)} scans failed" if failed else ""))
+          + (f"; {len(failed)} of {len(scans)} scans failed" if failed else ""))
     return 1 if failed else 0
 
 

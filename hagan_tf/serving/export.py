@@ -80,7 +80,7 @@ class ServingModule(tf.Module):
 
     def generate(self, z, label=None):
         labels = self._checked_labels(label, tf.shape(z)[0])
-        return {"volume": _f32(self.nets.generator(z, labels=labels, training=False))}
+        return {"volume": _f32(self.nets.generator.volume(z, labels=labels))}  # slab by slab
 
     def generate_from_seed(self, seed, label=None):
         return self.generate(seed_latents(seed, self.config.latent_dim), label)

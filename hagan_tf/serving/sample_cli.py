@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from . import ServingError
-from .client import add_connection_args, chunks, connect
+from .client import add_connection_args, chunks, connect, request_batch
 
 
 def sample_main(argv=None) -> int:
@@ -59,7 +59,7 @@ def sample_main(argv=None) -> int:
         seeds = np.arange(args.seed, args.seed + args.num, dtype=np.int64)
         rows, shown = [], []
         with tqdm(total=args.num, unit="volume", desc="sampling") as bar:
-            for chunk in chunks(seeds, args.batch):
+            for chunk in chunks(seeds, request_batch(args.batch, int(cfg["size"]))):
                 labels = None if args.label is None else np.full(len(chunk), args.label, np.int32)
                 if args.preview:
                     from .export import seed_latents

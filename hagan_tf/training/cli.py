@@ -26,7 +26,7 @@ from .callbacks import (Checkpointer, CollapseDetector, Monitor, Profiler,  # no
                         StopOnSignal)
 
 # Settings that may change when a run is resumed; anything else must match the saved config.
-RESUMABLE = {"max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
+RESUMABLE = {"tile_depth", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "image_every",
              "diversity_every", "collapse_threshold"}
 # ... and the remedies for a run that diverged (a NaN stop), which change how it goes on.
 TUNABLE = {"lr_g", "lr_d", "lr_eh", "lr_eg", "beta_2", "lambda_class", "seed", "r1_gamma", "augment",
