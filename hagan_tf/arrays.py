@@ -5,6 +5,27 @@ from __future__ import annotations
 
 import numpy as np
 
+STORED_DTYPES = ("float16", "float32")  # the voxel types a training record may hold
+
+
+def stored_voxels(volume, subject_id: str, dtype: str) -> np.ndarray:
+    """A [D, H, W] (or [D, H, W, 1]) volume as the little-endian `dtype` array a record holds,
+    for both record writers (`data.records`, and `preprocess.tfrecord` without TensorFlow).
+    Refuses another voxel type, another shape, and values that float16 would store as inf."""
+    if dtype not in STORED_DTYPES:
+        raise ValueError(f"dtype must be one of {STORED_DTYPES}, got {dtype!r}")
+    volume = np.asarray(volume)
+    if volume.ndim == 4 and volume.shape[-1] == 1:
+        volume = volume[..., 0]
+    if volume.ndim != 3:
+        raise ValueError(f"expected a [D, H, W] volume, got shape {volume.shape}")
+    with np.errstate(over="ignore"):  # an overflow is refused below, with its cause
+        stored = np.ascontiguousarray(volume, dtype=np.dtype(dtype).newbyteorder("<"))
+    if dtype == "float16" and np.isinf(stored).any() and not np.isinf(volume).any():
+        raise ValueError(f"{subject_id}: values beyond float16's range (65504) would be stored "
+                         "as inf: normalise the volume to [-1, 1] first")
+    return stored
+
 
 def downsample(volumes: np.ndarray, factor: int) -> np.ndarray:
     """Average pooling of [B, S, S, S, 1] by an integer factor (area resampling); a factor of

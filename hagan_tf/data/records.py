@@ -23,11 +23,13 @@ import struct
 import numpy as np
 import tensorflow as tf
 
+from ..arrays import STORED_DTYPES, stored_voxels
+
 SHARD_PATTERN = "*.tfrecord"
 MANIFEST = "manifest.jsonl"
 DEAD_LETTER = "dead_letter.jsonl"
 SUMMARY = "summary.json"
-DTYPES = ("float16", "float32")
+DTYPES = STORED_DTYPES
 
 FEATURES = {
     "volume": tf.io.FixedLenFeature([], tf.string),
@@ -46,18 +48,7 @@ def shard_name(index: int, count: int) -> str:
 def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: int = -1,
                    dtype: str = "float16") -> bytes:
     """Serialise one [D, H, W] volume (values in [-1, 1]) as a tf.train.Example."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    volume = np.asarray(volume)
-    if volume.ndim == 4 and volume.shape[-1] == 1:
-        volume = volume[..., 0]
-    if volume.ndim != 3:
-        raise ValueError(f"expected a [D, H, W] volume, got shape {volume.shape}")
-    with np.errstate(over="ignore"):  # an overflow is refused below, with its cause
-        stored = np.ascontiguousarray(volume, dtype=np.dtype(dtype).newbyteorder("<"))
-    if dtype == "float16" and np.isinf(stored).any() and not np.isinf(volume).any():
-        raise ValueError(f"{subject_id}: values beyond float16's range (65504) would be stored "
-                         "as inf: normalise the volume to [-1, 1] first")
+    stored = stored_voxels(volume, subject_id, dtype)
     data = stored.tobytes()
 
     def b(v):
@@ -67,7 +58,7 @@ def encode_example(volume: np.ndarray, subject_id: str, label: int = -1, fold: i
         return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
 
     return tf.train.Example(features=tf.train.Features(feature={
-        "volume": b(data), "dtype": b(dtype.encode()), "shape": i(volume.shape),
+        "volume": b(data), "dtype": b(dtype.encode()), "shape": i(stored.shape),
         "subject_id": b(str(subject_id).encode()), "label": i([int(label)]), "fold": i([int(fold)]),
     })).SerializeToString()
 

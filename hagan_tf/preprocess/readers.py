@@ -33,7 +33,7 @@ from typing import Callable, Iterable, Union
 import numpy as np
 
 from .transform import (ITK_SUFFIXES, MAX_VOXELS, NIFTI_SUFFIXES, SCAN_SUFFIXES, ScanError,
-                        _one_line, load_scan, subject_id)
+                        _check_file, _one_line, load_scan, subject_id)
 
 ITK_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO",
           ".mhd": "MetaImageIO"}
@@ -67,15 +67,6 @@ Source = Union[str, DicomSeries]
 
 
 # -- NRRD and MetaImage ---------------------------------------------------------------------------
-
-def _check_file(path: str):
-    if not os.path.exists(path):
-        raise ScanError(f"no such file: {path}")
-    if os.path.isdir(path):
-        raise ScanError(f"is a directory, not a scan: {path}")
-    if os.path.getsize(path) == 0:
-        raise ScanError("empty file (0 bytes)")
-
 
 def _itk_reason(err: BaseException) -> str:
     """ITK's messages name its own C++ source lines first: keep what it says about the file."""

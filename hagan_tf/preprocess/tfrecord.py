@@ -13,7 +13,9 @@ import struct
 import google_crc32c
 import numpy as np
 
-DTYPES = ("float16", "float32")
+from ..arrays import STORED_DTYPES, stored_voxels
+
+DTYPES = STORED_DTYPES
 CRC_CHUNK = 4 * 2 ** 20
 
 
@@ -48,19 +50,8 @@ def encode_example_parts(volume: np.ndarray, subject_id: str, label: int = -1, f
     """`records.encode_example` as (head, voxels): the record is head + voxels, and the voxels
     (32 MB at 256^3) are never copied into nested byte strings. The volume goes last: a map's
     entries may come in any order."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    volume = np.asarray(volume)
-    if volume.ndim == 4 and volume.shape[-1] == 1:
-        volume = volume[..., 0]
-    if volume.ndim != 3:
-        raise ValueError(f"expected a [D, H, W] volume, got shape {volume.shape}")
-    with np.errstate(over="ignore"):  # an overflow is refused below, with its cause
-        stored = np.ascontiguousarray(volume, dtype=np.dtype(dtype).newbyteorder("<"))
-    if dtype == "float16" and np.isinf(stored).any() and not np.isinf(volume).any():
-        raise ValueError(f"{subject_id}: values beyond float16's range (65504) would be stored "
-                         "as inf: normalise the volume to [-1, 1] first")
-    features = {"dtype": _bytes_feature(dtype.encode()), "shape": _int64_feature(volume.shape),
+    stored = stored_voxels(volume, subject_id, dtype)
+    features = {"dtype": _bytes_feature(dtype.encode()), "shape": _int64_feature(stored.shape),
                 "subject_id": _bytes_feature(str(subject_id).encode()),
                 "label": _int64_feature([label]), "fold": _int64_feature([fold])}
     entries = b"".join(_field(1, _field(1, k.encode()) + _field(2, v)) for k, v in features.items())

@@ -78,17 +78,22 @@ def _inflated(img, path: str):
         return img
 
 
-def load_scan(path: str) -> tuple[np.ndarray, dict]:
-    """Reads a 3D NIfTI as float32 [D, H, W] in RAS+ (D = superior axis) and its metadata."""
-    import nibabel as nib
-    from nibabel.affines import voxel_sizes
-
+def _check_file(path: str):
+    """ScanError unless `path` is a non-empty file (every reader starts here)."""
     if not os.path.exists(path):
         raise ScanError(f"no such file: {path}")
     if os.path.isdir(path):
         raise ScanError(f"is a directory, not a scan: {path}")
     if os.path.getsize(path) == 0:
         raise ScanError("empty file (0 bytes)")
+
+
+def load_scan(path: str) -> tuple[np.ndarray, dict]:
+    """Reads a 3D NIfTI as float32 [D, H, W] in RAS+ (D = superior axis) and its metadata."""
+    import nibabel as nib
+    from nibabel.affines import voxel_sizes
+
+    _check_file(path)
     try:
         img = nib.load(path)
     except PermissionError as e:
