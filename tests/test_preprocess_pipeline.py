@@ -231,7 +231,7 @@ def test_literal_names_with_glob_characters_a_bom_and_a_url_input(tmp_path, caps
 
 def test_a_remote_scans_local_copy_is_removed_before_the_next_is_read(tmp_path, monkeypatch):
     """On gs:// inputs a shard's scans would otherwise pile up on the worker's disk."""
-    import hagan_tf.preprocess.beam as beam_mod
+    import hagan_tf.preprocess.workers as beam_mod  # the workers' code
 
     for name in ("r1", "r2", "r3"):
         save_scan(tmp_path / f"{name}.nii.gz", phantom_hu((40, 48, 36), 0.7,

@@ -75,7 +75,7 @@ def test_the_worker_module_imports_no_tensorflow():
 
 def test_remote_series_and_header_files_are_copied_then_removed(tmp_path, monkeypatch):
     """file:// stands for gs://: a series' files, and an .mhd's data file, come along."""
-    import hagan_tf.preprocess.beam as beam_mod
+    import hagan_tf.preprocess.workers as beam_mod  # the workers' code
     from hagan_tf.preprocess import preprocess_file
     from hagan_tf.preprocess.readers import DicomSeries
 

@@ -10,26 +10,19 @@ which the DirectRunner holds in memory all at once (32 GB per 1,000 scans at 256
 cannot say which shard a record went to. Grouping the small scan entries instead keeps one
 volume per worker in memory and names each record's shard exactly (`records.shard_name`).
 
-The workers' code (`WriteShard`, `WriteJsonl`) imports neither TensorFlow nor `data.records`
-(which imports it): it writes through Beam's own file systems and `tfrecord`'s TF-free encoder,
-so a worker process starts in ~2 s instead of ~9 s. The launcher still uses `tf.io.gfile`.
+The workers' code (`workers`: `WriteShard`, `WriteJsonl`) imports neither TensorFlow nor
+`data.records` (which imports it): it writes through Beam's own file systems and `tfrecord`'s
+TF-free encoder, so a worker process starts in ~2 s instead of ~9 s. The launcher (`plan` and
+this module's command line) still uses `tf.io.gfile`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
-import hashlib
-import io
 import json
 import logging
-import math
 import os
-import posixpath
-import shutil
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -38,21 +31,16 @@ import uuid
 # missing: the job uses none of BigQuery.
 logging.getLogger().addFilter(lambda r: not str(r.msg).startswith("apitools not found"))
 import apache_beam as beam  # noqa: E402
-from apache_beam.io.filesystem import CompressionTypes  # noqa: E402
-from apache_beam.io.filesystems import FileSystems  # noqa: E402
 
 from ..config import HAGANConfig  # noqa: E402
-from .readers import DicomSeries, expand_inputs  # noqa: E402
-from .tfrecord import encode_example_parts, write_record  # noqa: E402
-from .transform import CT_WINDOW, ScanError, preprocess_file, subject_id  # noqa: E402
+from .plan import (MIN_SHARDS, assign_shards, default_shards, list_inputs, plan,  # noqa: E402,F401
+                   read_labels)
+from .transform import CT_WINDOW  # noqa: E402
+from .workers import (STAGES, TMP_PREFIX, WriteJsonl, WriteShard, _gfile, _join,  # noqa: E402,F401
+                      _records, build_pipeline, shard_name)
 
-TMP_PREFIX = ".tmp-"
-SHARD_BYTES = 256 * 2 ** 20
-MIN_SHARDS = 16  # shards are the unit of parallel work
 WORKER_BYTES = 2 * 2 ** 30  # a local worker's peak on a 512 x 512 x 300 CT, with headroom
-STAGES = ("copy", "read", "normalise", "resample", "write")  # seconds summed over scans
 _RECORDS_NAMES = ("DEAD_LETTER", "MANIFEST", "SHARD_PATTERN", "SUMMARY")
-log = logging.getLogger("hagan_tf.preprocess")
 
 
 def __getattr__(name):
@@ -64,293 +52,6 @@ def __getattr__(name):
     if name == "gfile":
         return _gfile()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _gfile():
-    import tensorflow as tf
-
-    return tf.io.gfile
-
-
-def _records():
-    from ..data import records
-
-    return records
-
-
-def _join(*parts: str) -> str:
-    """`records.join` (os.path.join, "/" for URLs), without importing TensorFlow."""
-    return posixpath.join(*parts) if "://" in parts[0] else os.path.join(*parts)
-
-
-def shard_name(index: int, count: int) -> str:
-    """`records.shard_name` (a test holds them equal), without importing TensorFlow."""
-    return f"data-{index:05d}-of-{count:05d}.tfrecord"
-
-
-def _beam_path(path: str) -> str:
-    """Beam's file systems take local paths without the file:// that tf.io.gfile accepts."""
-    return path[len("file://"):] if path.startswith("file://") else path
-
-
-# -- the launcher's plan: inputs, labels, folds, shards ------------------------------------------
-
-class _GfileFS:
-    """What `readers.expand_inputs` asks of a file system, through tf.io.gfile (gs://, hdfs://)."""
-
-    def __init__(self):
-        gfile = _gfile()
-        self.isdir, self.exists, self.walk, self.glob = (gfile.isdir, gfile.exists, gfile.walk,
-                                                         gfile.glob)
-        self.join = _join
-        self.open = lambda p: gfile.GFile(p, "rb") if "://" in p else open(p, "rb")
-
-
-def list_inputs(patterns: list[str]) -> list:
-    """Expands DIRs (recursively) and globs into sources: scan files (NIfTI, NRRD, MetaImage) by
-    name, DICOM series by content (`readers.expand_inputs`). Explicit paths are kept as given even
-    when missing, so that they are reported rather than silently dropped."""
-    return [source for _, source in expand_inputs(patterns, _GfileFS())]
-
-
-def read_labels(path: str) -> dict[str, int]:
-    """`name,label` CSV -> {subject id: label}; names may carry .nii/.nii.gz and directories."""
-    with _gfile().GFile(path, "r") as f:  # without the BOM that spreadsheets write first
-        rows = list(csv.reader(io.StringIO(f.read().removeprefix("\ufeff"))))
-    if not rows or [c.strip().lower() for c in rows[0][:2]] != ["name", "label"]:
-        raise ValueError(f"{path}: the first line must be the header 'name,label'")
-    labels = {}
-    for line, row in enumerate(rows[1:], start=2):
-        if not row or not "".join(row).strip():
-            continue
-        if len(row) < 2:
-            raise ValueError(f"{path}:{line}: expected 'name,label', got {row!r}")
-        name, value = subject_id(row[0].strip()), row[1].strip()
-        try:
-            label = int(value)
-        except ValueError:
-            label = -1
-        if label < 0:
-            raise ValueError(f"{path}:{line}: label must be a non-negative integer, got {value!r}")
-        if labels.get(name, label) != label:
-            raise ValueError(f"{path}:{line}: {name!r} has two labels, {labels[name]} and {label}")
-        labels[name] = label
-    return labels
-
-
-def _rank(sid: str, seed: int) -> str:
-    return hashlib.sha256(f"{seed}:{sid}".encode()).hexdigest()
-
-
-def plan(paths: list, labels: dict[str, int] | None = None, folds: int = 0,
-         seed: int = 0) -> list[dict]:
-    """One entry per input (a path or a `DicomSeries`): subject id, label, fold, or the reason
-    it cannot be used. A series' entry also carries it ("series") and its UID.
-
-    Folds are KFold-equivalent and deterministic: subjects sorted by a seeded hash of their id,
-    dealt round-robin, so every fold gets n/K subjects (+-1) whatever order the files come in.
-    """
-    entries, first = [], {}
-    for source in paths:
-        path = str(source)
-        if isinstance(source, DicomSeries):
-            sid = source.subject_id
-            entry = {"source": path, "subject_id": sid, "label": -1, "fold": -1,
-                     "series_uid": source.uid, "series": source}
-        else:
-            sid = subject_id(path)
-            entry = {"source": path, "subject_id": sid, "label": -1, "fold": -1}
-        if sid in first:
-            entry["reason"] = f"duplicate subject id {sid!r} (also {first[sid]})"
-        else:
-            first[sid] = path
-            if labels is not None:
-                if sid in labels:
-                    entry["label"] = labels[sid]
-                else:
-                    entry["reason"] = f"no label for {sid!r} in the labels CSV"
-        entries.append(entry)
-    usable = sorted((e for e in entries if "reason" not in e),
-                    key=lambda e: _rank(e["subject_id"], seed))
-    for i, entry in enumerate(usable):
-        entry["fold"] = i % folds if folds else -1
-    return entries
-
-
-def default_shards(n: int, size: int, dtype: str) -> int:
-    nbytes = n * size ** 3 * (2 if dtype == "float16" else 4)
-    return max(1, min(n, max(MIN_SHARDS, math.ceil(nbytes / SHARD_BYTES))))
-
-
-def assign_shards(entries: list[dict], shards: int, seed: int = 0) -> list[tuple[int, dict]]:
-    """Deals entries to shards round-robin in seeded-hash order: shards mix subjects and folds."""
-    ranked = sorted(entries, key=lambda e: (_rank(e["subject_id"], seed), e["source"]))
-    return [(i % shards, e) for i, e in enumerate(ranked)]
-
-
-# -- the pipeline ---------------------------------------------------------------------------------
-
-def _copy(src: str, dst: str):
-    with FileSystems.open(_beam_path(src), compression_type=CompressionTypes.UNCOMPRESSED) as r, \
-            open(dst, "wb") as w:
-        shutil.copyfileobj(r, w, 16 * 2 ** 20)
-
-
-def _data_file(header: str) -> str | None:
-    """The separate data file a .mhd or .nhdr header names (None: inline, a list or a pattern)."""
-    key = "elementdatafile" if header.lower().endswith(".mhd") else "data file"
-    with open(header, "rb") as f:
-        for line in f.read(65536).decode("latin-1").splitlines():
-            name, sep, value = line.partition("=" if key == "elementdatafile" else ":")
-            if sep and name.strip().lower() == key:
-                value = value.strip()
-                simple = value and " " not in value and "%" not in value
-                return value if simple and value.upper() not in ("LOCAL", "LIST") else None
-    return None
-
-
-def _local_copy(source, tmp_dir: str):
-    """nibabel, SimpleITK and pydicom read local files: remote scans (gs://, s3://, hdfs://) are
-    copied first; a DICOM series' files into a folder of their own, a header's data file beside
-    it."""
-    if isinstance(source, DicomSeries):
-        if not any("://" in f for f in source.files):
-            return source
-        folder = os.path.join(tmp_dir, "series")
-        os.makedirs(folder)
-        files = []
-        for i, remote in enumerate(source.files):
-            name = posixpath.basename(remote)
-            local = os.path.join(folder, name if not os.path.exists(os.path.join(folder, name))
-                                 else f"{i:05d}-{name}")
-            _copy(remote, local)
-            files.append(local)
-        return dataclasses.replace(source, files=tuple(files), folder=folder)
-    path = source
-    if "://" not in path:
-        return path
-    local = os.path.join(tmp_dir, os.path.basename(path))
-    _copy(path, local)
-    if local.lower().endswith((".mhd", ".nhdr")):
-        data = _data_file(local)
-        if data and "/" not in data:
-            _copy(posixpath.join(posixpath.dirname(path), data), os.path.join(tmp_dir, data))
-    return local
-
-
-def _remove_copy(local, source):
-    if local is None or local is source or local == source:
-        return
-    if isinstance(local, DicomSeries):
-        shutil.rmtree(local.folder, ignore_errors=True)
-        return
-    if local.lower().endswith((".mhd", ".nhdr")) and os.path.exists(local):
-        data = _data_file(local)
-        if data and "/" not in data and os.path.exists(os.path.join(os.path.dirname(local), data)):
-            os.remove(os.path.join(os.path.dirname(local), data))
-    if os.path.exists(local):
-        os.remove(local)
-
-
-class WriteShard(beam.DoFn):
-    """(shard, entries) -> the shard file; manifest rows (main output) and dead letters.
-
-    Runs without TensorFlow: records are encoded by `tfrecord` and written through Beam's file
-    systems. Each stage's time goes to a Beam distribution metric (ms per scan), which every
-    runner aggregates across workers.
-    """
-
-    DEAD = "dead"
-
-    def __init__(self, out_dir: str, shards: int, dtype: str = "float16", **transform):
-        self.out_dir, self.shards, self.dtype, self.transform = out_dir, shards, dtype, transform
-        self.scans = beam.metrics.Metrics.counter("hagan_preprocess", "scans")
-        self.stage_ms = {stage: beam.metrics.Metrics.distribution("hagan_preprocess", stage)
-                         for stage in STAGES}
-
-    def _dead(self, entry: dict, reason: str):
-        row = {"source": entry["source"], "subject_id": entry["subject_id"], "reason": reason}
-        if "series_uid" in entry:
-            row["series_uid"] = entry["series_uid"]
-        return beam.pvalue.TaggedOutput(self.DEAD, row)
-
-    def _time(self, stage: str, seconds: float):
-        self.stage_ms[stage].update(int(round(seconds * 1000)))
-
-    def process(self, element):
-        shard, entries = element
-        name = shard_name(shard, self.shards)
-        final = _beam_path(_join(self.out_dir, name))
-        tmp = _beam_path(_join(self.out_dir, f"{TMP_PREFIX}{name}-{uuid.uuid4().hex}"))
-        rows, dead = [], []
-        with FileSystems.create(tmp, compression_type=CompressionTypes.UNCOMPRESSED) as writer, \
-                tempfile.TemporaryDirectory() as scratch:
-            for entry in sorted(entries, key=lambda e: (e["source"], e["subject_id"])):
-                self.scans.inc()
-                if "reason" in entry:
-                    dead.append(self._dead(entry, entry["reason"]))
-                    continue
-                source = entry.get("series", entry["source"])
-                local, timings = None, {}
-                try:
-                    start = time.perf_counter()
-                    local = _local_copy(source, scratch)
-                    if local is not source:
-                        self._time("copy", time.perf_counter() - start)
-                    volume, meta = preprocess_file(local, timings=timings, **self.transform)
-                except ScanError as e:
-                    dead.append(self._dead(entry, str(e)))
-                    continue
-                except Exception as e:  # a bug or an odd file must not stop the job
-                    log.exception("unexpected error on %s", entry["source"])
-                    dead.append(self._dead(entry, f"unexpected {type(e).__name__}: "
-                                                  f"{' '.join(str(e).split())[:300]}"))
-                    continue
-                finally:  # a remote scan's local copy goes now, not with the whole shard's
-                    _remove_copy(local, source)
-                start = time.perf_counter()
-                write_record(writer, *encode_example_parts(volume, entry["subject_id"],
-                                                           entry["label"], entry["fold"],
-                                                           self.dtype))
-                self._time("write", time.perf_counter() - start)
-                for stage, seconds in timings.items():
-                    self._time(stage, seconds)
-                meta.pop("subject_id")
-                meta["source"] = entry["source"]
-                rows.append({"subject_id": entry["subject_id"], "label": entry["label"],
-                             "fold": entry["fold"], "shard": name, "shape": list(volume.shape),
-                             **meta})
-        FileSystems.rename([tmp], [final])  # rows go out only once their data is in place
-        yield from rows
-        yield from dead
-
-
-class WriteJsonl(beam.DoFn):
-    """A sorted list of dicts -> one JSON-lines file (small: one line per scan)."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def process(self, rows):
-        with FileSystems.create(_beam_path(self.path),
-                                compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            for row in sorted(rows, key=lambda r: (r["subject_id"], r["source"])):
-                f.write((json.dumps(row) + "\n").encode())
-
-
-def build_pipeline(p: beam.Pipeline, keyed_entries: list[tuple[int, dict]], out_dir: str,
-                   shards: int, dtype: str, **transform):
-    results = (p
-               | "Scans" >> beam.Create(keyed_entries)
-               | "ByShard" >> beam.GroupByKey()
-               | "Preprocess" >> beam.ParDo(WriteShard(out_dir, shards, dtype, **transform))
-               .with_outputs(WriteShard.DEAD, main="rows"))
-    records = _records()
-    for tag, name in (("rows", records.MANIFEST), (WriteShard.DEAD, records.DEAD_LETTER)):
-        (results[tag]
-         | f"Collect {name}" >> beam.combiners.ToList()
-         | f"Write {name}" >> beam.ParDo(WriteJsonl(_join(out_dir, name))))
-    return p
 
 
 # -- the command line ------------------------------------------------------------------------------
