@@ -1,0 +1,252 @@
+"""DICOM series: found by content under the inputs, grouped by SeriesInstanceUID, checked and
+read. pydicom reads the headers (fast, tag by tag, with a precise error per file) to find,
+group, sort and check the slices; SimpleITK (GDCM) decodes the pixels, every transfer syntax
+included, and applies RescaleSlope/RescaleIntercept (stored values -> HU for CT). `readers`
+says how a series gets its subject id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .itk import _canonical, _itk_reason
+from .transform import MAX_VOXELS, ScanError, _one_line, subject_id
+
+log = logging.getLogger("hagan_tf.preprocess")
+
+# Tolerances of the DICOM series checks. A missing slice doubles one step (100%); scanners write
+# positions rounded to ~0.01 mm, and a 5% uneven step moves a voxel by 1/20 of a slice.
+SPACING_TOLERANCE = 0.05
+TILT_TOLERANCE_DEG = 0.1
+ORIENTATION_TOLERANCE = 1e-4
+DICOM_TAGS = ["SOPClassUID", "SeriesInstanceUID", "PatientID", "Modality", "Rows", "Columns",
+              "SamplesPerPixel", "NumberOfFrames", "ImagePositionPatient",
+              "ImageOrientationPatient", "PixelSpacing", "GantryDetectorTilt", "InstanceNumber"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series as found under the inputs: its files, in any order."""
+
+    uid: str
+    files: tuple[str, ...]
+    subject_id: str
+    folder: str
+    patient_id: str = ""
+
+    def __str__(self) -> str:  # the `source` reported in the manifest and dead letters
+        return self.folder
+
+
+# -- DICOM: finding the series ---------------------------------------------------------------------
+
+def _local_open(path: str):
+    return open(path, "rb")
+
+
+def _read_header(path: str, opener: Callable = _local_open):
+    """The tags we use, read without the pixel data (a few kB of each file)."""
+    import pydicom
+
+    with opener(path) as f:
+        return pydicom.dcmread(f, stop_before_pixels=True, specific_tags=DICOM_TAGS)
+
+
+def _classify(path: str, opener: Callable) -> tuple[str, object]:
+    """('image', header) | ('other', sop class) | ('broken', reason) | ('not dicom', None)."""
+    from pydicom.errors import InvalidDicomError
+    from pydicom.uid import UID
+
+    try:
+        ds = _read_header(path, opener)
+    except (InvalidDicomError, OSError):  # no 'DICM' preamble (a README, an .mhd's .raw, ...)
+        return "not dicom", None  # or not openable: named explicitly, it is reported when read
+    except Exception as e:
+        return "broken", f"unreadable DICOM file: {_one_line(e)}"
+    sop = str(ds.get("SOPClassUID", "") or getattr(ds, "file_meta", {}).get(
+        "MediaStorageSOPClassUID", ""))
+    if "Rows" in ds and ds.get("SeriesInstanceUID"):
+        return "image", ds
+    if sop and "Image Storage" not in UID(sop).name and UID(sop).name != sop:
+        return "other", UID(sop).name  # a DICOMDIR, structure set, report: not a scan
+    missing = [t for t in ("SeriesInstanceUID", "Rows") if not ds.get(t)]
+    return "broken", f"DICOM header without {' or '.join(missing)} (truncated or corrupt)"
+
+
+def _basename(path: str) -> str:
+    if "://" in path:
+        return posixpath.basename(path.rstrip("/"))
+    return os.path.basename(os.path.abspath(path))
+
+
+def _dirname(path: str) -> str:
+    return posixpath.dirname(path) if "://" in path else os.path.dirname(path)
+
+
+def _series_id(patient: str, uid: str) -> str:
+    patient = re.sub(r"[^A-Za-z0-9._-]+", "_", patient).strip("_")
+    return f"{patient}_{uid}" if patient else uid
+
+
+def group_dicom(paths: Iterable[str], opener: Callable = _local_open,
+                threads: int = 8) -> tuple[list[DicomSeries], list[str]]:
+    """Candidate files -> (image series, files that look like DICOM but cannot be read).
+
+    Files that are not DICOM, and DICOM objects without pixels (DICOMDIR, structure sets,
+    reports), are left out: they are not scans.
+    """
+    paths = sorted(set(paths))
+    with ThreadPoolExecutor(max(1, threads)) as pool:  # remote files: one request per header
+        found = list(pool.map(lambda p: _classify(p, opener), paths))
+    series: dict[str, list[str]] = {}
+    patients: dict[str, str] = {}
+    broken = []
+    for path, (kind, what) in zip(paths, found):
+        if kind == "image":
+            uid = str(what.SeriesInstanceUID).strip()
+            series.setdefault(uid, []).append(path)
+            patients.setdefault(uid, str(what.get("PatientID", "") or "").strip())
+        elif kind == "broken":
+            broken.append(path)
+        elif kind == "other":
+            log.info("skipping %s: %s, not an image", path, what)
+    in_dir: dict[str, set] = {}
+    for uid, files in series.items():
+        for f in files:
+            in_dir.setdefault(_dirname(f), set()).add(uid)
+    out = []
+    for uid, files in series.items():
+        dirs = sorted({_dirname(f) for f in files})
+        if len(dirs) == 1:
+            folder = dirs[0]
+        else:
+            folder = (posixpath.commonpath(dirs) if "://" in dirs[0] else os.path.commonpath(dirs))
+        alone = len(dirs) == 1 and in_dir[folder] == {uid}
+        sid = subject_id(_basename(folder)) if alone else _series_id(patients[uid], uid)
+        out.append(DicomSeries(uid, tuple(sorted(files)), sid, folder, patients[uid]))
+    return sorted(out, key=lambda s: (s.folder, s.uid)), broken
+
+
+# -- DICOM: reading one series ---------------------------------------------------------------------
+
+def _floats(ds, tag: str, n: int, name: str) -> np.ndarray:
+    value = ds.get(tag)
+    try:
+        out = np.asarray([float(v) for v in value], float)
+    except (TypeError, ValueError):
+        out = np.zeros(0)
+    if out.shape != (n,) or not np.isfinite(out).all():
+        raise ScanError(f"slice {name}: missing or malformed {tag} ({value!r})")
+    return out
+
+
+def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
+    """A DICOM series as float32 [D, H, W] in RAS+ (HU for CT), or ScanError saying what is wrong:
+    a missing or unreadable slice, irregular slice spacing, a gantry tilt, mixed slice shapes."""
+    import SimpleITK as sitk
+
+    files = list(series.files)
+    if len(files) < 2:
+        raise ScanError(f"a single DICOM slice ({_basename(files[0]) if files else 'none'}), not a "
+                        "volume")
+    heads = []
+    for path in files:
+        name = _basename(path)
+        try:
+            ds = _read_header(path)
+        except Exception as e:
+            raise ScanError(f"unreadable slice {name}: {_one_line(e)}") from None
+        if str(ds.get("SeriesInstanceUID", "")).strip() != series.uid:
+            raise ScanError(f"slice {name} is not of series {series.uid}")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            raise ScanError(f"slice {name}: multi-frame DICOM ({frames} frames in one file) is "
+                            "not supported")
+        if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+            raise ScanError(f"slice {name}: {ds.SamplesPerPixel} samples per pixel (colour), "
+                            "expected one")
+        heads.append((name, ds))
+    name0, ds0 = heads[0]
+    rows, cols = int(ds0.get("Rows", 0) or 0), int(ds0.get("Columns", 0) or 0)
+    iop = _floats(ds0, "ImageOrientationPatient", 6, name0)
+    pixel = _floats(ds0, "PixelSpacing", 2, name0)  # [between rows, between columns]
+    row_dir, col_dir = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+            or abs(row_dir @ col_dir) > 1e-3):
+        raise ScanError(f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors")
+    if min(pixel) <= 0:
+        raise ScanError(f"PixelSpacing {list(pixel)} is not positive")
+    normal = np.cross(row_dir, col_dir)
+    positions = []
+    for name, ds in heads:
+        if (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) != (rows, cols):
+            raise ScanError(f"slices of different sizes: {name} is {ds.get('Rows')}x"
+                            f"{ds.get('Columns')}, {name0} {rows}x{cols}")
+        if (np.abs(_floats(ds, "ImageOrientationPatient", 6, name) - iop).max()
+                > ORIENTATION_TOLERANCE):
+            raise ScanError(f"slices of different orientations ({name} and {name0})")
+        if np.abs(_floats(ds, "PixelSpacing", 2, name) - pixel).max() > 1e-4 * max(pixel):
+            raise ScanError(f"slices of different pixel spacings ({name} and {name0})")
+        positions.append(_floats(ds, "ImagePositionPatient", 3, name))
+    n = len(heads)
+    if int(np.prod([rows, cols, n], dtype=np.int64)) > MAX_VOXELS:
+        raise ScanError(f"series of {n} slices of {rows}x{cols} exceeds the {MAX_VOXELS}-voxel "
+                        "limit")
+    ipp = np.asarray(positions)
+    along = ipp @ normal
+    order = np.argsort(along, kind="stable")
+    along, ipp = along[order], ipp[order]
+    steps = np.diff(along)
+    same = int((steps < 1e-3).sum())
+    if same:
+        raise ScanError(f"{same + 1} slices share a position along the slice normal (several "
+                        "acquisitions or copies of a slice in one series)")
+    step = (along[-1] - along[0]) / (n - 1)
+    off = np.abs(steps - step) > SPACING_TOLERANCE * step + 1e-3
+    if off.any():
+        worst = int(np.argmax(np.abs(steps - step)))
+        gap = steps[worst] / np.median(steps)
+        missing = gap > 1.5 and abs(gap - round(gap)) < 0.1
+        hint = f" ({round(gap) - 1} slice(s) missing?)" if missing else ""
+        raise ScanError(f"irregular slice spacing: steps from {steps.min():.4g} to "
+                        f"{steps.max():.4g} mm along the normal, {steps[worst]:.4g} mm after "
+                        f"{along[worst]:.4g} mm{hint}")
+    shift = ipp - ipp[0]
+    drift = np.linalg.norm(shift - np.outer(shift @ normal, normal), axis=1)[1:]
+    angles = np.degrees(np.arctan2(drift, along[1:] - along[0]))
+    if angles.max() > TILT_TOLERANCE_DEG:
+        tag = ds0.get("GantryDetectorTilt")
+        said = f", GantryDetectorTilt {float(tag):g}" if tag not in (None, "") else ""
+        raise ScanError(f"gantry tilt: slice positions drift off the slice normal by up to "
+                        f"{angles.max():.2f} degrees{said} (the slices are sheared; resample the "
+                        "series onto a rectangular grid first)")
+    volume = np.empty((n, rows, cols), np.float32)
+    for k, i in enumerate(order):
+        path, name = files[i], heads[i][0]
+        try:  # GDCM applies RescaleSlope/RescaleIntercept: HU for CT
+            img = sitk.ReadImage(path, imageIO="GDCMImageIO")
+            arr = sitk.GetArrayViewFromImage(img)
+        except RuntimeError as e:
+            raise ScanError(f"unreadable slice {name}: truncated or corrupt pixel data "
+                            f"({_itk_reason(e)})") from None
+        if arr.shape != (1, rows, cols):
+            raise ScanError(f"slice {name}: pixel data of shape {arr.shape[1:]}, header says "
+                            f"{rows}x{cols}")
+        volume[k] = arr[0]
+    affine = np.eye(4)  # columns: along a row (i), down a column (j), across slices (k)
+    affine[:3, 0] = row_dir * pixel[1]
+    affine[:3, 1] = col_dir * pixel[0]
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = ipp[0]
+    extra = {"series_uid": series.uid, "slices": n}
+    if ds0.get("Modality"):
+        extra["dicom_modality"] = str(ds0.Modality)
+    return _canonical(volume.transpose(2, 1, 0), affine, extra)
