@@ -6,14 +6,14 @@ the functions that list directories, so importing this (and `hagan_tf.serving`) 
 
 Run directory (written by `hagan-train`, read by every later command):
 
-  RUN_DIR/config.yaml          the resolved HAGANConfig                    (CONFIG)
-  RUN_DIR/checkpoints/ckpt-N*  tf.train.Checkpoint                         (CHECKPOINTS, CHECKPOINT_PREFIX)
-  RUN_DIR/tensorboard/         TensorBoard event files                     (TENSORBOARD)
+  RUN_DIR/config.yaml          the resolved HAGANConfig   (CONFIG)
+  RUN_DIR/checkpoints/ckpt-N*  tf.train.Checkpoint        (CHECKPOINTS, CHECKPOINT_PREFIX)
+  RUN_DIR/tensorboard/         TensorBoard event files    (TENSORBOARD)
 
 Model directory (written by `hagan-export`, read by `hagan-serve` and TF Serving):
 
-  MODEL_BASE/NAME/V/                          one SavedModel per integer version V
-  MODEL_BASE/NAME/V/assets.extra/hagan_config.yaml   the run's config      (CONFIG_ASSET)
+  MODEL_BASE/NAME/V/                                 one SavedModel per integer version V
+  MODEL_BASE/NAME/V/assets.extra/hagan_config.yaml   the run's config (CONFIG_ASSET)
 
 Both may be URLs (gs://...): paths are joined with os.path.join and listed through tf.io.gfile.
 """

@@ -17,7 +17,8 @@ from .config import HAGANConfig
 from .layout import CONFIG_ASSET, DEFAULT_MODEL_NAME, newest_version
 from .models import checked_labels
 
-__all__ = ["CONFIG_ASSET", "newest_version", "RunModel", "ExportedModel", "SavedModelSource", "open_model"]
+__all__ = ["CONFIG_ASSET", "newest_version", "RunModel", "ExportedModel", "SavedModelSource",
+           "open_model"]
 
 
 def _labels(num_classes: int, n: int, labels) -> np.ndarray | None:

@@ -12,7 +12,7 @@ from collections import Counter
 
 import numpy as np
 
-from ..arrays import class_counts  # noqa: F401 (its home is hagan_tf.arrays; the apps import it here)
+from ..arrays import class_counts  # noqa: F401 (its home is arrays; the apps import it here)
 from ..layout import DEFAULT_MODEL_NAME
 
 SUBJECT = "subject_id"
