@@ -178,13 +178,15 @@ def test_a_long_name_is_not_echoed_in_full(served, predict):
     many = _grpc_error(predict, _request("generate", z=z, **{f"w{i}" * 50: z for i in range(200)}))
     assert many.code() == grpc.StatusCode.INVALID_ARGUMENT and len(many.details()) < 2500
     body = json.dumps({"signature_name": "generate", "inputs": {"z": [[0.0] * 16], long: [1]}})
-    assert len(_json_error(_raw(port, _post("/v1/models/hagan:predict", body.encode())), 400)) < 1000
+    answer = _raw(port, _post("/v1/models/hagan:predict", body.encode()))
+    assert len(_json_error(answer, 400)) < 1000
     assert len(_json_error(_raw(port, f"GET /v1/models/{'m' * 6000} HTTP/1.1\r\nHost: x\r\n\r\n"
                                       .encode()), 404)) < 1000
 
 
 def test_an_unknown_signature_is_failed_precondition_as_in_tf_serving(served, predict):
-    """Defect 6: TF Serving answers FAILED_PRECONDITION, `Serving signature key "nope" not found.`"""
+    """Defect 6: TF Serving answers FAILED_PRECONDITION,
+    `Serving signature key "nope" not found.`"""
     _, _, port, _ = served
     error = _grpc_error(predict, _request("nope", z=np.zeros((1, 16), np.float32)))
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -379,3 +381,15 @@ def test_an_odd_directory_name_does_not_stop_the_registry(served, tmp_path):
     (tmp_path / "hagan" / "\u00b2").mkdir()
     registry.refresh()  # the odd name is skipped or logged; what was served stays served
     assert registry.get("hagan").version == 1 and registry.get("other").version == 3
+
+
+def test_expect_100_continue_is_answered_before_the_body(served):
+    """curl sends `Expect: 100-continue` with bodies over 1 KiB and waits a second for it."""
+    _, _, port, _ = served
+    head = (f"POST /v1/models/hagan:predict HTTP/1.1\r\nHost: x\r\nContent-Length: {len(PREVIEW)}"
+            "\r\nExpect: 100-continue\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(head)
+        assert s.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        s.sendall(PREVIEW)
+        assert s.recv(12) == b"HTTP/1.1 200"

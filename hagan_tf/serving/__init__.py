@@ -47,3 +47,12 @@ def shown_list(values, most: int = 8) -> str:
     values = sorted(values)
     more = f", and {len(values) - most} more" if len(values) > most else ""
     return "[" + ", ".join(shown(v) for v in values[:most]) + more + "]"
+
+
+# A gRPC status travels in HTTP/2 trailers, and clients drop metadata over 8 KiB ("Stream
+# removed"); REST errors are cut to the same length.
+MAX_ERROR_CHARS = 2000
+
+
+def bounded(message: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return message if len(message) <= limit else message[:limit - 15] + " ... (cut short)"

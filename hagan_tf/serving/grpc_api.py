@@ -10,19 +10,11 @@ import tensorflow as tf
 from tensorflow_serving.apis import (model_pb2, model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc)
 
-from . import ServingError, shown
+from . import ServingError, bounded, shown
 from .predictor import Predictor
 from .registry import ModelRegistry
 
 log = logging.getLogger("hagan_tf.serving")
-
-# A status travels in HTTP/2 trailers, and clients drop metadata over 8 KiB ("Stream removed").
-MAX_STATUS_CHARS = 2000
-
-
-def bounded(message: str, limit: int = MAX_STATUS_CHARS) -> str:
-    return message if len(message) <= limit else message[:limit - 15] + " ... (cut short)"
-
 
 def _version_of(spec: model_pb2.ModelSpec) -> int | None:
     choice = spec.WhichOneof("version_choice")

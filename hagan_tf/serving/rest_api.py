@@ -15,8 +15,7 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
 
-from . import ServingError, shown
-from .grpc_api import bounded
+from . import ServingError, bounded, shown
 from .predictor import Predictor
 from .registry import Servable
 

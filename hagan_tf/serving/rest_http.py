@@ -21,7 +21,8 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 
-from .grpc_api import bounded
+from . import bounded
+
 
 log = logging.getLogger("hagan_tf.serving")
 
@@ -71,6 +72,8 @@ class _JsonErrorServer(web.Server):
 class RestServer:
     """Binds at construction (so a taken port fails at once), serves in `serve_forever`."""
 
+    READ_BUFSIZE = 1 << 20
+
     def __init__(self, address: tuple[str, int], app, max_body: int, max_concurrent: int = 4,
                  read_timeout: float = 60.0, keepalive_timeout: float = 75.0):
         host, port = address
@@ -96,7 +99,7 @@ class RestServer:
     async def _serve(self) -> None:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         handler = _JsonErrorServer(self._handle, keepalive_timeout=self.keepalive_timeout,
-                                   access_log=None)
+                                   access_log=None, read_bufsize=self.READ_BUFSIZE)
         server = await self._loop.create_server(handler, sock=self.socket)
         self._ready.set()
         try:
@@ -146,6 +149,11 @@ class RestServer:
         limit = f"the limit of {self.max_body} bytes (hagan-serve --max-rest-bytes)"
         if length is not None and length > self.max_body:  # refused unread, from the header
             raise _Refused(413, f"request body of {length} bytes exceeds {limit}")
+        expect = request.headers.get("Expect", "").lower()
+        if request.version >= (1, 1) and expect == "100-continue":
+            # curl asks before sending a body over 1 KiB, and waits 1 s for this if not told
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # as aiohttp's router does: the answer is not begun
         chunks, size = [], 0
         while True:
             try:
