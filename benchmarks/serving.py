@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -132,6 +133,7 @@ def main(argv=None):
     finally:
         server.terminate()
         server.wait(timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
 
     result = {"benchmark": "serving", "protocol": f"{'/'.join(args.protocols)}, loopback, "
                                                   "batch 1 per request",

@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def main(argv=None):
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
     rows = []
     for key, runs in p50.items():
         a, b = float(np.median(runs["A"])), float(np.median(runs["B"]))
