@@ -53,8 +53,9 @@ def versions(model_dir: str) -> list[int]:
     if not tf.io.gfile.isdir(model_dir):
         return []
     names = (v.rstrip("/") for v in tf.io.gfile.listdir(model_dir))
-    return sorted(int(v) for v in names
-                  if v.isdigit() and tf.io.gfile.isdir(os.path.join(model_dir, v)))
+    # isdigit alone takes "²" and "١", which int() refuses or reads as another number
+    return sorted(int(v) for v in names if v.isascii() and v.isdigit()
+                  and tf.io.gfile.isdir(os.path.join(model_dir, v)))
 
 
 def default_version(model_dir: str, step: int) -> int:

@@ -73,7 +73,7 @@ class ModelRegistry:
                 model_dir = os.path.join(self.model_base, name)
                 try:
                     listed = versions(model_dir)
-                except Exception as e:  # noqa: BLE001 - e.g. a directory named "²" (int() fails)
+                except Exception as e:  # noqa: BLE001 - e.g. a directory that cannot be read
                     log.error("cannot list the versions of %s: %s", model_dir, e)
                     if name in self._models:
                         present.add(name)  # keep serving what was loaded

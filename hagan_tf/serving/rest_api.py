@@ -1,13 +1,16 @@
 """TF Serving's REST API for `hagan-serve`: routes, JSON <-> tensors, row and columnar formats.
 
-`RestApp.handle` takes a method, a path and a body and returns (HTTP status, JSON object); the
-HTTP server around it is `rest_http`. TF Serving's JSON rules, stricter where JSON itself is:
-booleans are not numbers, and NaN / Infinity (not JSON) are refused.
+`RestApp.handle` takes a method, a path and a body and returns (HTTP status, JSON object, its
+numeric tensors as NumPy arrays for `json_arrays.dumps`); the HTTP server around it is
+`rest_http`. TF Serving's JSON rules, stricter where JSON itself is: booleans are not numbers,
+and NaN / Infinity (not JSON) are refused in requests. Outputs are written as TF Serving writes
+them, float32 at float32 precision and a non-finite value as `NaN`, `Infinity` or `-Infinity`
+(TF Serving's tokens, which Python's json, rapidjson and Jackson read; strict parsers such as
+JavaScript's JSON.parse do not).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 
@@ -16,6 +19,8 @@ import tensorflow as tf
 from google.protobuf import json_format
 
 from . import ServingError, bounded, shown
+from .json_arrays import NumberArray
+from .json_arrays import loads as json_loads
 from .predictor import Predictor
 from .registry import Servable
 
@@ -39,6 +44,10 @@ def _holds_bool(value) -> bool:
 
 def _json_array(key: str, value, spec: tf.TensorSpec, may_hold_bools: bool) -> np.ndarray:
     """A JSON value as the array the signature input `key` expects (TF Serving's rules)."""
+    if isinstance(value, NumberArray):  # a large array of plain numbers, read by json_arrays
+        if spec.dtype.is_floating:
+            return value.values.astype(spec.dtype.as_numpy_dtype)
+        value = value.json()  # integers exactly (float64 would round those over 2^53)
     try:
         if spec.dtype == tf.string:
             arr = np.asarray(value, dtype=object)
@@ -66,9 +75,19 @@ def _json_array(key: str, value, spec: tf.TensorSpec, may_hold_bools: bool) -> n
 
 
 def _json_value(arr: np.ndarray):
+    """An output for json_arrays.dumps: numbers stay an array, strings become a list."""
     if arr.dtype.kind in "OS":
         return np.vectorize(lambda b: b.decode("utf-8", "replace"), otypes=[object])(arr).tolist()
-    return arr.tolist()
+    return arr
+
+
+def _column(values: list):
+    """One input's values from every instance: stacked when each is a NumberArray."""
+    if any(isinstance(v, NumberArray) for v in values):
+        if all(isinstance(v, NumberArray) for v in values):
+            return NumberArray.stack(values)
+        return [v.json() if isinstance(v, NumberArray) else v for v in values]
+    return values
 
 
 class RestApp:
@@ -117,7 +136,7 @@ class RestApp:
 
     def _predict(self, servable: Servable, body: bytes) -> dict:
         try:
-            request = json.loads(body, parse_constant=_refuse_constant)
+            request = json_loads(body, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as e:  # the last: nesting; UnicodeDecodeError is a
             raise ServingError("INVALID_ARGUMENT", f"JSON Parse error: {e}")  # ValueError
         if not isinstance(request, dict):
@@ -164,13 +183,18 @@ class RestApp:
 
     @staticmethod
     def _rows_to_columns(instances, names):
+        if isinstance(instances, NumberArray):  # a list of rows of plain numbers
+            if len(names) != 1:
+                raise ServingError("INVALID_ARGUMENT",
+                                   f"each instance must be an object naming the inputs {names}")
+            return {names[0]: instances}
         if not isinstance(instances, list) or not instances:
             raise ServingError("INVALID_ARGUMENT", "'instances' must be a non-empty list")
         if all(isinstance(r, dict) for r in instances):
             keys = set(instances[0])
             if any(set(r) != keys for r in instances):
                 raise ServingError("INVALID_ARGUMENT", "every instance must name the same inputs")
-            return {k: [r[k] for r in instances] for k in keys}
+            return {k: _column([r[k] for r in instances]) for k in keys}
         if len(names) != 1 or any(isinstance(r, dict) for r in instances):
             raise ServingError("INVALID_ARGUMENT",
                                f"each instance must be an object naming the inputs {names}")

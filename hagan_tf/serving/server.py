@@ -24,7 +24,7 @@ from .grpc_api import grpc_server
 from .predictor import DEFAULT_SIGNATURE, RUN_VOXELS, Predictor  # noqa: F401 (old import path)
 from .registry import ModelRegistry, Servable  # noqa: F401 (old import path)
 from .rest_api import RestApp
-from .rest_http import RestServer
+from .rest_http import RestServer, default_max_connections
 
 log = logging.getLogger("hagan_tf.serving")
 
@@ -39,7 +39,8 @@ class Server:
                  max_request_bytes: int = MAX_MESSAGE_BYTES, max_batch: int = 16,
                  max_concurrent: int = 4, grpc_threads: int = 16,
                  max_rest_bytes: int = MAX_REST_BYTES, run_voxels: int = RUN_VOXELS,
-                 rest_read_timeout: float = 60.0, warmup: bool = True):
+                 rest_read_timeout: float = 60.0, warmup: bool = True,
+                 max_rest_connections: int | None = None):
         if not os.path.isdir(model_base):
             raise FileNotFoundError(f"model base {model_base!r} is not a directory")
         self.registry = ModelRegistry(model_base, warmup)
@@ -63,7 +64,8 @@ class Server:
         if rest_port is not None:
             try:
                 self.rest = RestServer((host, rest_port), RestApp(self.predictor),
-                                       max_rest_bytes, max_concurrent, rest_read_timeout)
+                                       max_rest_bytes, max_concurrent, rest_read_timeout,
+                                       max_connections=max_rest_connections)
             except OSError as e:
                 raise OSError(f"cannot bind REST to {host}:{rest_port}: {e}") from None
             self.rest_port = self.rest.server_address[1]
@@ -131,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rest-read-timeout", type=float, default=60.0,
                    help="seconds a REST upload may stall before it is refused with 408 "
                         "(default: %(default)s)")
+    p.add_argument("--max-rest-connections", type=int, default=None,
+                   help="REST connections open at once (default: 1000, or half of `ulimit -n` "
+                        f"if lower: {default_max_connections()} here). Past it, the connection "
+                        "idle longest is closed for a new one, and a new one that finds all "
+                        "busy with requests gets 503")
     p.add_argument("--no-warmup", action="store_true",
                    help="skip the export's warmup requests at load (TF Serving's "
                         "--enable_model_warmup=false); the first request per signature is slower")
@@ -145,8 +152,8 @@ def main(argv=None) -> int:
         if not 0 <= getattr(args, flag) <= 65535:
             parser.error(f"--{flag.replace('_', '-')} must be in 0..65535")
     for flag in ("max_request_bytes", "max_rest_bytes", "max_batch", "max_concurrent",
-                 "grpc_max_threads", "run_voxels"):
-        if getattr(args, flag) < 1:
+                 "grpc_max_threads", "run_voxels", "max_rest_connections"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     for flag in ("poll_seconds", "rest_read_timeout"):
         if not getattr(args, flag) > 0:
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
                         None if args.no_rest else args.rest_port, args.poll_seconds,
                         args.max_request_bytes, args.max_batch, args.max_concurrent,
                         args.grpc_max_threads, args.max_rest_bytes, args.run_voxels,
-                        args.rest_read_timeout, not args.no_warmup)
+                        args.rest_read_timeout, not args.no_warmup, args.max_rest_connections)
     except OSError as e:
         print(f"hagan-serve: {e}", file=sys.stderr)
         return 1

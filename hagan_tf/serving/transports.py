@@ -15,6 +15,9 @@ import urllib.request
 import numpy as np
 
 from . import GRPC_OPTIONS, HTTP_STATUS, ServingError
+from .json_arrays import NumberArray
+from .json_arrays import dumps as json_dumps
+from .json_arrays import loads as json_loads
 
 _HTTP_CODES = {v: k for k, v in reversed(list(HTTP_STATUS.items()))}
 _HTTP_CODES.update({405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 411: "INVALID_ARGUMENT",
@@ -25,6 +28,10 @@ _NUMPY_DTYPES = {"DT_FLOAT": np.float32, "DT_DOUBLE": np.float64, "DT_INT32": np
 
 def _from_json(value, dtype: str) -> np.ndarray:
     """A JSON output as gRPC would give it: typed numbers, strings as bytes objects."""
+    if isinstance(value, NumberArray):
+        if dtype in ("DT_FLOAT", "DT_DOUBLE"):
+            return value.values.astype(_NUMPY_DTYPES[dtype])
+        value = value.json()
     if dtype in _NUMPY_DTYPES:
         return np.asarray(value, _NUMPY_DTYPES[dtype])
     arr = np.asarray(value, object)
@@ -127,11 +134,11 @@ class RestTransport:
         return f"{self.base}/{model}{v}{suffix}"
 
     def _request(self, url, payload=None):
-        data = None if payload is None else json.dumps(payload).encode()
+        data = None if payload is None else json_dumps(payload)
         req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read())
+                return json_loads(r.read())
         except urllib.error.HTTPError as e:
             try:
                 message = json.loads(e.read()).get("error", e.reason)
@@ -149,12 +156,12 @@ class RestTransport:
                                f"{type(e).__name__}") from None
 
     def predict(self, model, version, signature, inputs) -> dict:
-        def as_json(v):
+        def as_json(v):  # numbers stay arrays: json_arrays writes them
             v = np.asarray(v)
             if v.dtype.kind in "OSU":
                 return np.vectorize(lambda s: s.decode() if isinstance(s, bytes) else str(s),
                                     otypes=[object])(v).tolist()
-            return v.tolist()
+            return v
 
         body = {"signature_name": signature, "inputs": {k: as_json(v) for k, v in inputs.items()}}
         out = self._request(self._url(model, version, ":predict"), body)["outputs"]
