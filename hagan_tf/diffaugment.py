@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from .dtypes import at_least_float32
+
 OPS = ("translation", "cutout", "intensity")
 
 
@@ -74,10 +76,12 @@ def cutout(x, seed, ratio=0.5):
 
 
 def intensity(x, seed, brightness=0.2, contrast=1.25):
+    """The draws in at least float32 (the same numbers under mixed precision), then x's type."""
     b = tf.shape(x)[0]
-    shift = _uniform([b, 1, 1, 1, 1], seed, -brightness, brightness, x.dtype)
-    log_c = tf.math.log(contrast)
-    scale = tf.exp(_uniform([b, 1, 1, 1, 1], seed + [0, 1], -log_c, log_c, x.dtype))
+    dtype = at_least_float32(x.dtype)
+    shift = tf.cast(_uniform([b, 1, 1, 1, 1], seed, -brightness, brightness, dtype), x.dtype)
+    log_c = tf.math.log(tf.constant(contrast, dtype))
+    scale = tf.cast(tf.exp(_uniform([b, 1, 1, 1, 1], seed + [0, 1], -log_c, log_c, dtype)), x.dtype)
     mean = tf.reduce_mean(x, axis=[1, 2, 3, 4], keepdims=True)
     return (x - mean) * scale + mean + shift
 

@@ -9,6 +9,7 @@ import tensorflow as tf
 from . import diffaugment
 from ._compat import flatten_layers, private_override
 from .config import HAGANConfig
+from .dtypes import at_least_float32, upcast
 from .layers import SERIAL_PACKAGE
 from .lean_ops import depth_slab
 from .models import ConfigAlias, Discriminator, Encoder, Generator, checked_labels
@@ -28,19 +29,19 @@ def _replica():
 
 
 def _bce_sum(logits, target: float):
-    logits = tf.cast(logits, tf.float32)
+    logits = upcast(logits)
     return tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(
-        labels=tf.fill(tf.shape(logits), target), logits=logits))
+        labels=tf.fill(tf.shape(logits), tf.constant(target, logits.dtype)), logits=logits))
 
 
 def _ce_sum(logits, labels):
     return tf.reduce_sum(tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.cast(labels, tf.int32), logits=tf.cast(logits, tf.float32)))
+        labels=tf.cast(labels, tf.int32), logits=upcast(logits)))
 
 
 def _l1_sum_per_example(a, b):
     """Sum over examples of the per-example mean |a - b| (F.l1_loss once divided by the batch)."""
-    diff = tf.abs(tf.cast(a, tf.float32) - tf.cast(b, tf.float32))
+    diff = tf.abs(upcast(a) - upcast(b))
     return tf.reduce_sum(tf.reduce_mean(tf.reshape(diff, (tf.shape(diff)[0], -1)), axis=1))
 
 
@@ -149,9 +150,9 @@ class _Training:
                     inner.watch([real_slab, real_low])
                     d_real = self.discriminator(real_slab, real_low, crop, training=True)
                     logit = d_real[0] if cfg.num_classes else d_real
-                    total = tf.reduce_sum(tf.cast(logit, tf.float32))
+                    total = tf.reduce_sum(upcast(logit))
                 grads = inner.gradient(total, [real_slab, real_low])
-                r1 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(g, tf.float32))) for g in grads])
+                r1 = tf.add_n([tf.reduce_sum(tf.square(upcast(g))) for g in grads])
             else:
                 d_real = self.discriminator(real_slab, real_low, crop, training=True)
             d_fake = self.discriminator(fake_slab, fake_low, crop, training=True)
@@ -189,7 +190,7 @@ class _Training:
                 d_fake, c_fake = d_fake
                 out["g_class"] = _ce_sum(c_fake, labels) / global_b
             adversarial = (_bce_sum(d_fake, 1.0) if cfg.loss == "bce"
-                           else -tf.reduce_sum(tf.cast(d_fake, tf.float32)))
+                           else -tf.reduce_sum(upcast(d_fake)))
             loss = adversarial / global_b + cfg.lambda_class * out.get("g_class", 0.0)
             if cfg.lambda_ms:
                 out["g_ms"] = self._mode_seeking(z, fake_low)
@@ -212,7 +213,7 @@ class _Training:
         """Mode-seeking term (MSGAN, Mao et al. 2019): 1 / (|X^L_i - X^L_j| / |z_i - z_j|) over
         neighbouring pairs of the batch, so a G whose output ignores z pays for it. On X^L,
         the whole volume at S/4, where the anatomy's variation is, not the slab's texture."""
-        low = tf.cast(low, tf.float32)
+        low = upcast(low)
         n = tf.shape(low)[0]
         d_out = tf.reduce_mean(tf.abs(low - tf.roll(low, 1, 0)), axis=[1, 2, 3, 4])
         d_z = tf.reduce_mean(tf.abs(z - tf.roll(z, 1, 0)), axis=1)
@@ -223,7 +224,7 @@ class _Training:
         """D's loss on a batch of logits, summed: BCE (the paper) or hinge."""
         if self.config.loss == "bce":
             return _bce_sum(logits, 1.0 if real else 0.0)
-        logits = tf.cast(logits, tf.float32)
+        logits = upcast(logits)
         return tf.reduce_sum(tf.nn.relu(1.0 - logits if real else 1.0 + logits))
 
     def _augmented(self, slab, low, seed, call: int):
@@ -245,8 +246,9 @@ class _Training:
             ops = []
             for e, g in zip(self.ema.weights, self.generator.weights):
                 ops += strategy.extended.update(
-                    e.value, lambda e_, g_: e_.assign(decay * e_ + (1.0 - decay) * g_), args=(g.value,),
-                    group=False)
+                    e.value, lambda e_, g_: e_.assign(tf.cast(decay, e_.dtype) * e_
+                                                      + tf.cast(1.0 - decay, e_.dtype) * g_),
+                    args=(g.value,), group=False)
             return ops
 
         ctx = tf.distribute.get_replica_context()
@@ -326,10 +328,11 @@ class _Training:
         step = self.step
         rid, replicas = _replica()
         local_b = tf.shape(volume)[0]
-        global_b = tf.cast(local_b * replicas, tf.float32)
+        precision = at_least_float32(self.compute_dtype)  # the losses' type (see dtypes)
+        global_b = tf.cast(local_b * replicas, precision)
         crop = (tf.cast(tf.reshape(draws["crop"], [-1])[0], tf.int32) if "crop" in draws
                 else self.draw_crop(step))
-        z_d, z_g = (tf.cast(draws[k], tf.float32) if k in draws else self.draw_z(step, local_b, i)
+        z_d, z_g = (tf.cast(draws[k] if k in draws else self.draw_z(step, local_b, i), precision)
                     for i, k in enumerate(("z_d", "z_g")))
         real_slab = self.real_slab(volume, crop)
         real_low = self.real_low_res(volume)
@@ -346,7 +349,7 @@ class _Training:
                 logs.update(update())
         # Losses are this replica's share of the global-batch mean (so gradients add up across
         # replicas); report the replica's own mean instead, which fit() averages over replicas.
-        scale = tf.cast(replicas, tf.float32)
+        scale = tf.cast(replicas, precision)
         return {k: v if k.endswith("accuracy") else v * scale for k, v in logs.items()}
 
 

@@ -22,6 +22,7 @@ from keras import layers, ops
 
 from ._compat import kernel_variable
 from .conv_rewrites import conv3d
+from .dtypes import upcast
 from .lean_ops import divide, group_norm_op, leaky_relu
 
 SERIAL_PACKAGE = "hagan_tf"
@@ -169,8 +170,7 @@ class GroupNorm(layers.GroupNormalization):
     """Channels-last GroupNormalization computed by `group_norm_op` (same weights and config)."""
 
     def call(self, inputs):
-        return group_norm_op(inputs, tf.cast(self.gamma, tf.float32), tf.cast(self.beta, tf.float32),
-                             self.groups, self.epsilon)
+        return group_norm_op(inputs, upcast(self.gamma), upcast(self.beta), self.groups, self.epsilon)
 
 
 def group_norm(name=None, groups=GN_GROUPS):
@@ -227,7 +227,7 @@ class MinibatchStd(layers.Layer):
     varied real batch, which makes a generator that ignores z lose."""
 
     def call(self, x):
-        xf = tf.cast(x, tf.float32)
+        xf = upcast(x)
         std = tf.sqrt(tf.math.reduce_variance(xf, axis=0) + 1e-8)  # [D, H, W, C]
         spread = tf.cast(tf.reduce_mean(std), x.dtype)
         return tf.concat([x, tf.ones_like(x[..., :1]) * spread], axis=-1)

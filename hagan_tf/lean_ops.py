@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import _compat
+from .dtypes import upcast
 
 
 def after_dy(grad_fn):
@@ -46,13 +47,24 @@ def leaky_relu(x, alpha=0.2):
 
     TF's gradient reads the input, so each discriminator layer kept both its pre-activation
     and its output alive for the backward pass; now only the output, which the next layer's
-    gradient keeps anyway.
+    gradient keeps anyway. In float64 the ops' alpha, a float32 attribute (0.2 -> 0.2000000030),
+    would put float32 rounding on every negative value: there alpha is a float64 tensor.
     """
+    x = tf.convert_to_tensor(x)
+    if x.dtype == tf.float64 and 0 < alpha < 1:
+        a = tf.constant(alpha, tf.float64)
+
+        @tf.custom_gradient
+        def act64(x):
+            y = tf.maximum(x, a * x)
+            return y, lambda dy: tf.where(y > 0, dy, dy * a)
+        return act64(x)
+
     @tf.custom_gradient
     def act(x):
         y = tf.nn.leaky_relu(x, alpha)
         return y, lambda dy: tf.raw_ops.LeakyReluGrad(gradients=dy, features=y, alpha=alpha)
-    return act(tf.convert_to_tensor(x))
+    return act(x)
 
 
 def depth_slab(x, start, depth: int):
@@ -113,7 +125,8 @@ def channel_sums(x):
 
 
 def group_norm_op(x, gamma, beta, groups, epsilon):
-    """GroupNorm over channels-last x, in float32, with a hand-written gradient.
+    """GroupNorm over channels-last x, in at least float32 (dtypes.upcast), with a hand-written
+    gradient.
 
     Autodiff of the normalisation keeps three more activation-sized tensors per layer (the
     centred, the normalised and the gathered input) for the backward pass; this gradient keeps
@@ -132,11 +145,11 @@ def group_norm_op(x, gamma, beta, groups, epsilon):
 
     @tf.custom_gradient
     def norm(x, gamma, beta):
-        xf = tf.cast(x, tf.float32)
+        xf = upcast(x)
         rank = len(x.shape)
         spatial = x.shape[1:-1]
         count = (float(np.prod(spatial.as_list()) * group) if spatial.is_fully_defined()
-                 else tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]) * group, tf.float32))
+                 else tf.cast(tf.reduce_prod(tf.shape(x)[1:-1]) * group, xf.dtype))
         mean = per_channel(group_mean(channel_sums(xf), count), rank)
         centred = xf - mean
         inv = per_channel(tf.math.rsqrt(group_mean(channel_sums(tf.square(centred)), count)
@@ -145,7 +158,7 @@ def group_norm_op(x, gamma, beta, groups, epsilon):
 
         @after_dy
         def grad(dy):
-            dy = tf.cast(dy, tf.float32)
+            dy = tf.cast(dy, xf.dtype)
             xhat = (xf - mean) * inv
             dy_xhat = channel_sums(dy * xhat)  # [B, C]
             dy_sum = channel_sums(dy)

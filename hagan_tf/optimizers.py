@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from ._compat import private_override, variable_index
+from .dtypes import upcast
 from .layers import SERIAL_PACKAGE
 
 
@@ -31,9 +32,11 @@ class Adam(keras.optimizers.Adam):
         self._velocities = self.add_optimizer_variables(var_list, "velocity")
 
     def _step_size(self, learning_rate):
-        """Adam's bias-corrected step size lr * sqrt(1 - beta_2^t)."""
-        t = ops.cast(self.iterations + 1, "float32")
-        return ops.cast(learning_rate, "float32") * ops.sqrt(1 - ops.power(float(self.beta_2), t))
+        """Adam's bias-corrected step size lr * sqrt(1 - beta_2^t), in lr's type (at least
+        float32: float64 where the learning rate is, as under floatx float64)."""
+        learning_rate = upcast(learning_rate)
+        t = ops.cast(self.iterations + 1, learning_rate.dtype)
+        return learning_rate * ops.sqrt(1 - ops.power(float(self.beta_2), t))
 
     @private_override(keras.optimizers.Adam)
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):

@@ -341,6 +341,45 @@ def test_conv_rewrites_follow_the_device_unless_forced(monkeypatch):
     assert _rewrite_convs() is True
 
 
+def test_a_float64_model_stays_float64_in_the_lean_ops_and_the_rewrites():
+    # The step-parity test trains in float64: every upcast is "at least float32", and the ops
+    # with hand-written gradients and the CPU rewrites compute in their input's type.
+    from hagan_tf.conv_rewrites import rewritten_conv3d, upsample_conv3d
+    from hagan_tf.dtypes import at_least_float32
+    from hagan_tf.lean_ops import group_norm_op, leaky_relu
+
+    assert [at_least_float32(t) for t in ("float16", "bfloat16", "float32", "float64")] == [
+        tf.float32, tf.float32, tf.float32, tf.float64]
+    x = tf.random.stateless_normal((2, 4, 6, 4, 8), [1, 2], dtype=tf.float64)
+    k3 = tf.random.stateless_normal((3, 3, 3, 8, 8), [3, 4], dtype=tf.float64)
+    k4 = tf.random.stateless_normal((4, 4, 4, 8, 3), [5, 6], dtype=tf.float64)
+    cases = {  # ours -> TF's own ops
+        "leaky_relu": (lambda x: leaky_relu(x, 0.2), lambda x: tf.where(x > 0, x, 0.2 * x)),
+        "group_norm": (lambda x: group_norm_op(x, tf.ones([8], x.dtype), tf.zeros([8], x.dtype), 4, 1e-5),
+                       lambda x: tf.reshape(tf.nn.batch_normalization(
+                           tf.reshape(x, (2, -1, 4, 2)), *tf.nn.moments(tf.reshape(x, (2, -1, 4, 2)),
+                                                                       [1, 3], keepdims=True),
+                           None, None, 1e-5), x.shape)),
+        "conv 3^3": (lambda x: rewritten_conv3d(x, k3), lambda x: tf.nn.conv3d(x, k3, [1] * 5, "SAME")),
+        "conv 4^3 stride 2": (lambda x: rewritten_conv3d(x, k4, 2),
+                              lambda x: tf.nn.conv3d(x, k4, [1, 2, 2, 2, 1], "SAME")),
+    }
+    up = lambda x: tf.repeat(tf.repeat(tf.repeat(x, 2, 1), 2, 2), 2, 3)  # noqa: E731
+    for c_out in (8, 1):  # parity convolutions; one convolution
+        k = k3[..., :c_out]
+        cases[f"upsample conv {c_out}"] = (lambda x, k=k: upsample_conv3d(x, k),
+                                           lambda x, k=k: tf.nn.conv3d(up(x), k, [1] * 5, "SAME"))
+    for name, (ours, ref) in cases.items():
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            y, y_ref = ours(x), ref(x)
+            loss, loss_ref = tf.reduce_sum(tf.sin(y)), tf.reduce_sum(tf.sin(y_ref))
+        g, g_ref = tape.gradient(loss, x), tape.gradient(loss_ref, x)
+        assert y.dtype == g.dtype == tf.float64, name
+        np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12, err_msg=name)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
 def test_upsample_nearest_equals_repeat_in_values_and_gradients():
     from hagan_tf.lean_ops import upsample_nearest
 
@@ -483,3 +522,4 @@ def test_checkpoint_holds_every_weight(tmp_path):
     for a, b in zip(saved.weights, fresh.weights):
         assert a.path == b.path
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
