@@ -323,7 +323,7 @@ def test_nifti_gz_is_read_in_one_inflate_with_nibabels_values(tmp_path):
     gzip members, as `cat a.gz b.gz` makes) goes the streaming way and still reads right."""
     import gzip
 
-    from hagan_tf.preprocess.transform import _inflated, load_scan
+    from hagan_tf.preprocess.nifti import _inflated, load_scan
 
     vol = phantom()
     path = write_nifti(tmp_path / "one.nii.gz", vol)

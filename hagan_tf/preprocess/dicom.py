@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from .itk import _canonical, _itk_reason
-from .transform import MAX_VOXELS, ScanError, _one_line, subject_id
+from .scans import MAX_VOXELS, ScanError, _one_line, subject_id
 
 log = logging.getLogger("hagan_tf.preprocess")
 

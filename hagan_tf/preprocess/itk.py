@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from .transform import MAX_VOXELS, ScanError, _check_file, _one_line
+from .scans import MAX_VOXELS, ScanError, _check_file, _one_line
 
 ITK_IO = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO",
           ".mhd": "MetaImageIO"}

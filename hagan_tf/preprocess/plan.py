@@ -9,7 +9,7 @@ import io
 import math
 
 from .readers import DicomSeries, expand_inputs
-from .transform import subject_id
+from .scans import subject_id
 from .workers import _gfile, _join
 
 SHARD_BYTES = 256 * 2 ** 20

@@ -1,13 +1,13 @@
 """One loader for every scan format the field exchanges, each ending as a [D, H, W] RAS+ array.
 
-- NIfTI (`.nii`, `.nii.gz`): nibabel, exactly as before (`transform.load_scan`).
+- NIfTI (`.nii`, `.nii.gz`): nibabel, exactly as before (`nifti.load_scan`).
 - NRRD (`.nrrd`, `.nhdr`) and MetaImage (`.mha`, `.mhd`): SimpleITK.
 - DICOM series: pydicom reads the headers (fast, tag by tag, with a precise error per file) to
   find, group, sort and check the slices; SimpleITK (GDCM) decodes the pixels, every transfer
   syntax included, and applies RescaleSlope/RescaleIntercept (stored values -> HU for CT).
 
-This module lists the inputs and holds the one loader; the formats' own code is in `itk`
-(NRRD, MetaImage, and the LPS -> RAS+ step) and `dicom` (series).
+This module lists the inputs and holds the one loader; the formats' own code is in `nifti`,
+`itk` (NRRD, MetaImage, and the LPS -> RAS+ step) and `dicom` (series).
 
 SimpleITK and DICOM describe space in LPS (x to the patient's left, y posterior, z superior);
 NIfTI in RAS. Both are converted by flipping x and y of the voxel-to-world affine and then taking
@@ -35,8 +35,8 @@ import numpy as np
 from .dicom import (DicomSeries, _basename, _classify, _dirname, _local_open,  # noqa: F401
                     group_dicom, load_dicom_series)
 from .itk import load_itk
-from .transform import (ITK_SUFFIXES, NIFTI_SUFFIXES, SCAN_SUFFIXES, ScanError, _check_file,
-                        load_scan, subject_id)
+from .nifti import load_scan
+from .scans import ITK_SUFFIXES, NIFTI_SUFFIXES, SCAN_SUFFIXES, ScanError, _check_file, subject_id
 
 log = logging.getLogger("hagan_tf.preprocess")
 Source = Union[str, DicomSeries]
