@@ -4,7 +4,8 @@
 (`hagan-serve`) from `registry` (loaded versions), `predictor` (checks, batching), `grpc_api`,
 `rest_api` (TF Serving's JSON) and `rest_http` (the HTTP server). `client` talks to it or to the
 real TF Serving over `transports`; `sample_cli` and `encode_cli` are `hagan-sample` and
-`hagan-encode`. Only what both ends share lives here, so importing it is cheap.
+`hagan-encode`. `json_arrays` writes and reads volumes as JSON for both ends of REST. Only what
+both ends share lives here, so importing it is cheap.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ class _JsonErrorHandler(web.RequestHandler):
         self.idle_since = self._loop.time()
         self.peer_done = False  # the client sent its end of input
         self.refused = False  # over the connection limit with nothing to close for it
-        self.answered = 0  # requests answered by RestServer._handle (aiohttp counts the heads)
+        self.decided = 0  # answers begun: their requests will read no more of their bodies
+        self.answered = 0  # answers written in full (aiohttp counts the request heads)
         self._last_body = None  # the body of the newest request, which may still be arriving
 
     @property
@@ -92,6 +93,14 @@ class _JsonErrorHandler(web.RequestHandler):
         """The client half-closed and no request of it waits after the current one."""
         return self.peer_done and not self._messages
 
+    async def finish_response(self, request, resp, start_time):
+        self.decided += 1
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:  # only now: a connection still writing its answer is not idle
+            self.answered += 1
+            self.idle_since = self._loop.time()
+
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
         if self._messages:
@@ -104,8 +113,8 @@ class _JsonErrorHandler(web.RequestHandler):
         self.peer_done = True
         body = self._last_body
         if body is not None and not body.is_eof():
-            if self.idle():  # answered already (e.g. a 413): aiohttp reads the rest to discard
-                body.feed_eof()
+            if self.decided == self._request_count:  # answered (a 413, say): aiohttp reads
+                body.feed_eof()  # the rest only to discard it
             else:
                 body.set_exception(_CutShort(f"the client closed its side of the connection "
                                              f"after {body.total_bytes} body bytes"))
@@ -234,13 +243,8 @@ class RestServer:
     # ------------------------------------------------------------ requests
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        protocol = request.protocol
-        try:
-            response = await self._respond(request)
-        finally:
-            protocol.answered += 1
-            protocol.idle_since = self._loop.time()
-        if protocol.last_request():  # the client half-closed: this is its last answer
+        response = await self._respond(request)
+        if request.protocol.last_request():  # the client half-closed: this is its last answer
             response.force_close()
         return response
 
