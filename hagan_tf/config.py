@@ -41,7 +41,11 @@ class HAGANConfig:
     # tissue a sample holds; fewer groups let samples differ in it
     lambda_recon: float = 0.0  # G also learns to reproduce real scans from E's codes (0: off)
     lambda_ms: float = 0.0  # weight of the mode-seeking term on G (MSGAN; 0: off)
+    lambda_hist: float = 0.0  # G also matches the real batch's voxel intensities (1-D W1; 0: off)
     minibatch_std: bool = False  # D^H and D^L also see the batch's feature spread (ProGAN)
+    g_output: str = "tanh"  # G's image outputs: "tanh" (the paper) or "tanh_st", the same values
+    # with the gradient passed straight through in training: a saturated tanh passes none, and
+    # small Gs push air and lungs to -1 early, where they stay (see lambda_hist)
     diversity_every: int = 500  # steps between collapse checks (TensorBoard diversity/*; 0: off)
     collapse_threshold: float = 0.5  # warn when sample diversity / real diversity falls below
     checkpoint_every: int = 1000
@@ -77,6 +81,8 @@ class HAGANConfig:
             raise ValueError(f"downsample must be 'nearest' or 'area', got {self.downsample!r}")
         if self.g_norm_groups not in (1, 2, 4, 8):  # channel counts are multiples of 8
             raise ValueError(f"g_norm_groups must be 1, 2, 4 or 8, got {self.g_norm_groups}")
+        if self.g_output not in ("tanh", "tanh_st"):
+            raise ValueError(f"g_output must be 'tanh' or 'tanh_st', got {self.g_output!r}")
         if self.loss not in ("bce", "hinge"):
             raise ValueError(f"loss must be 'bce' or 'hinge', got {self.loss!r}")
         if not 0 <= self.ema_decay < 1:
@@ -84,9 +90,10 @@ class HAGANConfig:
         if self.tile_depth < 0:
             raise ValueError(f"tile_depth must be >= 0 (0: decode the whole volume at once), "
                              f"got {self.tile_depth}")
-        if min(self.r1_gamma, self.lambda_recon, self.lambda_ms, self.diversity_every, self.collapse_threshold) < 0:
-            raise ValueError("r1_gamma, lambda_recon, lambda_ms, diversity_every and collapse_threshold "
-                             "must be >= 0")
+        if min(self.r1_gamma, self.lambda_recon, self.lambda_ms, self.lambda_hist, self.diversity_every,
+               self.collapse_threshold) < 0:
+            raise ValueError("r1_gamma, lambda_recon, lambda_ms, lambda_hist, diversity_every and "
+                             "collapse_threshold must be >= 0")
         from .diffaugment import parse_ops
 
         parse_ops(self.augment)

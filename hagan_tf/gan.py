@@ -35,6 +35,15 @@ def _l1_sum_per_example(a, b):
     return tf.reduce_sum(tf.reduce_mean(tf.reshape(diff, (tf.shape(diff)[0], -1)), axis=1))
 
 
+def _intensity_w1_sum(fake, real):
+    """1-D Wasserstein distance between the voxel values of a fake and a real batch (the mean
+    |difference| of both sorted), times the batch size: a sum over examples like the other
+    losses. Pooled over the batch, so it fixes how much of each intensity the batch holds,
+    not how much each sample does."""
+    f, r = (tf.sort(tf.reshape(upcast(x), [-1])) for x in (fake, real))
+    return tf.reduce_mean(tf.abs(f - r)) * tf.cast(tf.shape(fake)[0], f.dtype)
+
+
 class _Training(_Iteration):
     """Mixin holding HAGAN's four updates (D, G, E^H, E^G); compile() and train_step() are
     `iteration._Iteration`'s."""
@@ -77,14 +86,17 @@ class _Training(_Iteration):
     def g_update(self, labels, crop, z, global_b, aug_seed=None, real=None):
         """`real` = (volume, real slab, real X^L) adds config.lambda_recon times the L1 of
         G(E(x)) against x, with E fixed: G must then reproduce every training scan, which a
-        generator that ignores z cannot (a mode-regularised GAN, Che et al. 2017)."""
+        generator that ignores z cannot (a mode-regularised GAN, Che et al. 2017); and
+        config.lambda_hist times the distance between the fake and real intensity
+        distributions (the slab's at r, and X^L's), which D, blind to a level shift of dark
+        tissue, does not see: without it small Gs put lungs at the level of air."""
         cfg = self.config
         z_hat = None
         if real is not None and cfg.lambda_recon:
             z_hat = tf.stop_gradient(self.encoder(real[0]))
         with tf.GradientTape() as tape:
-            fake_slab, fake_low = self.generator(z, labels=labels, crop=crop, training=True)
-            fake_slab, fake_low = self._augmented(fake_slab, fake_low, aug_seed, 2)
+            raw_slab, raw_low = self.generator(z, labels=labels, crop=crop, training=True)
+            fake_slab, fake_low = self._augmented(raw_slab, raw_low, aug_seed, 2)
             d_fake = self.discriminator(fake_slab, fake_low, crop, training=True)
             out = {}
             if cfg.num_classes:
@@ -96,6 +108,10 @@ class _Training(_Iteration):
             if cfg.lambda_ms:
                 out["g_ms"] = self._mode_seeking(z, fake_low)
                 loss = loss + cfg.lambda_ms * out["g_ms"]
+            if cfg.lambda_hist and real is not None:
+                out["g_hist"] = (_intensity_w1_sum(raw_slab, real[1])
+                                 + _intensity_w1_sum(raw_low, real[2])) / (2.0 * global_b)
+                loss = loss + cfg.lambda_hist * out["g_hist"]
             if z_hat is not None:
                 slab, low = self.generator(z_hat, labels=labels, crop=crop, training=True)
                 out["g_recon"] = (_l1_sum_per_example(slab, real[1])

@@ -182,7 +182,9 @@ class ConvBlock(layers.Layer):
     """[nearest upsample x2] -> Conv3D -> [GroupNorm(8) -> ReLU | tanh | nothing].
 
     The one unit every generator and encoder stage is made of. `post` picks what follows the
-    convolution: "gn_relu" (hidden layers), "tanh" (image outputs) or "none" (E^G's last conv).
+    convolution: "gn_relu" (hidden layers), "tanh" (image outputs; "tanh_st": the same values,
+    but in training the gradient passes straight through, so a saturated voxel still learns)
+    or "none" (E^G's last conv).
     """
 
     def __init__(self, filters, kernel_size=3, strides=1, padding="same", upsample=False,
@@ -210,7 +212,9 @@ class ConvBlock(layers.Layer):
             x = self.conv(x)
         if self.post == "gn_relu":
             return ops.relu(self.norm(x))
-        if self.post == "tanh":
+        if self.post == "tanh_st" and training:
+            return x + ops.stop_gradient(ops.tanh(x) - x)
+        if self.post in ("tanh", "tanh_st"):
             return ops.tanh(x)
         return x
 

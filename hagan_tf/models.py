@@ -115,12 +115,12 @@ class Generator(_Network):
         self.low_res_head = keras.Sequential(
             [keras.Input((None, None, None, a_ch)), ConvBlock(ch(32), groups=groups, name="block1"),
              ConvBlock(ch(16), groups=groups, name="block2"),
-             ConvBlock(1, post="tanh", name="block3")],
+             ConvBlock(1, post=cfg.g_output, name="block3")],
             name="low_res_head")
         self.high_res_head = keras.Sequential(
             [keras.Input((None, None, None, a_ch)),
              ConvBlock(ch(32), upsample=True, groups=groups, name="block1"),
-             ConvBlock(1, upsample=True, post="tanh", name="block2")],
+             ConvBlock(1, upsample=True, post=cfg.g_output, name="block2")],
             name="high_res_head")
         self.built = True
 

@@ -88,7 +88,7 @@ class Chain:
             if block.post == "gn_relu":
                 mean, scale, offset = stats[i]
                 h = tf.nn.relu((h - mean) * scale + offset)
-            elif block.post == "tanh":
+            elif block.post in ("tanh", "tanh_st"):
                 h = tf.tanh(h)
         return h
 

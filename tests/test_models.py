@@ -523,3 +523,30 @@ def test_checkpoint_holds_every_weight(tmp_path):
         assert a.path == b.path
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
+
+
+def test_straight_through_tanh_keeps_values_and_passes_saturated_gradients():
+    """g_output "tanh_st": the paper's tanh in values, but in training a voxel in saturation
+    still gets D's gradient (tanh's own is ~0 there); outside training it is the plain tanh."""
+    from hagan_tf.layers import ConvBlock
+
+    x = tf.constant(np.random.default_rng(0).normal(0, 4, (2, 4, 4, 4, 3)), tf.float32)
+    paper, st = ConvBlock(1, post="tanh"), ConvBlock(1, post="tanh_st")
+    paper.build(x.shape)
+    st.build(x.shape)
+    st.set_weights(paper.get_weights())
+    for training in (False, True):
+        np.testing.assert_allclose(st(x, training=training), paper(x, training=training), atol=1e-5)
+    with tf.GradientTape(persistent=True) as tape:
+        pre = paper.conv(x)
+        y_paper, y_st = paper(x, training=True), st(x, training=True)
+    assert float(tf.reduce_max(tf.abs(pre))) > 5  # some outputs are saturated
+    g_paper = tape.gradient(y_paper, paper.conv.kernel)
+    g_st = tape.gradient(y_st, st.conv.kernel)
+    g_linear = tape.gradient(pre, paper.conv.kernel)  # the straight-through gradient
+    np.testing.assert_allclose(g_st, g_linear, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(g_paper, g_st, rtol=0.05)
+    gen = HAGAN(HAGANConfig(size=32, latent_dim=8, width=0.125, g_output="tanh_st")).generator
+    assert gen.high_res_head.layers[-1].post == gen.low_res_head.layers[-1].post == "tanh_st"
+    with pytest.raises(ValueError, match="g_output"):
+        HAGANConfig(g_output="linear")

@@ -36,7 +36,7 @@ def _batch(n=2, seed=0):
 
 def test_config_checks_the_remedies():
     for bad in (dict(loss="wgan"), dict(ema_decay=1.0), dict(r1_gamma=-1), dict(augment="flip"),
-                dict(collapse_threshold=-0.1)):
+                dict(collapse_threshold=-0.1), dict(lambda_hist=-1)):
         with pytest.raises(ValueError):
             tiny(**bad)
     assert diffaugment.parse_ops(" translation, cutout ") == ("translation", "cutout")
@@ -45,16 +45,16 @@ def test_config_checks_the_remedies():
 @pytest.mark.parametrize("classes", [0, 2])
 def test_every_switch_trains_finite_and_logs_its_terms(classes):
     cfg = tiny(num_classes=classes, loss="hinge", r1_gamma=1.0, augment="translation,cutout,intensity",
-               ema_decay=0.9, minibatch_std=True)
+               ema_decay=0.9, minibatch_std=True, lambda_hist=1.0)
     gan = HAGAN(cfg)
     gan.compile()
     batch = {"volume": _batch()}
     if classes:
         batch["label"] = np.array([0, 1], np.int32)
     logs = gan.train_on_batch(batch, return_dict=True)
-    assert {"d_real", "d_fake", "d_r1", "g_loss", "eh_loss", "eg_loss"} <= set(logs)
+    assert {"d_real", "d_fake", "d_r1", "g_hist", "g_loss", "eh_loss", "eg_loss"} <= set(logs)
     assert all(np.isfinite(v) for v in logs.values())
-    assert logs["d_r1"] > 0
+    assert logs["d_r1"] > 0 and logs["g_hist"] > 0
     assert all(np.all(np.isfinite(w.numpy())) for w in gan.weights)
 
 
@@ -63,6 +63,26 @@ def test_hinge_loss_is_the_hinge():
     logits = tf.constant([[-2.0], [0.5], [3.0]])
     assert float(gan._d_loss_sum(logits, real=True)) == pytest.approx(3 + 0.5 + 0)
     assert float(gan._d_loss_sum(logits, real=False)) == pytest.approx(0 + 1.5 + 4)
+
+
+def test_intensity_term_is_the_w1_of_the_pooled_voxel_values():
+    """g_hist: 0 for any rearrangement of the real voxels (across positions and examples), the
+    mean |shift| for a uniformly shifted batch, and a gradient that moves G's voxels."""
+    from hagan_tf.gan import _intensity_w1_sum
+
+    real = tf.constant(_batch(2, 1))
+    shuffled = tf.reshape(tf.random.shuffle(tf.reshape(real, [-1]), seed=3), real.shape)
+    assert float(_intensity_w1_sum(shuffled, real)) == pytest.approx(0.0, abs=1e-7)
+    assert float(_intensity_w1_sum(real - 0.25, real)) == pytest.approx(2 * 0.25, rel=1e-5)
+    gan = HAGAN(tiny(lambda_hist=1.0))
+    gan.compile()
+    before = [w.numpy() for w in gan.generator.trainable_weights]
+    z = tf.constant(gan.sample_z(2, 0))
+    crop = tf.constant(8)
+    vol = tf.constant(_batch())
+    logs = gan.g_update(None, crop, z, tf.constant(2.0), None, (vol, gan.real_slab(vol, crop), gan.real_low_res(vol)))
+    assert float(logs["g_hist"]) > 0
+    assert any(not np.allclose(b, w.numpy()) for b, w in zip(before, gan.generator.trainable_weights))
 
 
 def test_r1_penalty_is_half_gamma_times_the_squared_input_gradient():

@@ -30,7 +30,7 @@ RESUMABLE = {"tile_depth", "max_steps", "checkpoint_every", "keep_checkpoints", 
              "diversity_every", "collapse_threshold"}
 # ... and the remedies for a run that diverged (a NaN stop), which change how it goes on.
 TUNABLE = {"lr_g", "lr_d", "lr_eh", "lr_eg", "beta_2", "lambda_class", "seed", "r1_gamma", "augment",
-           "lambda_recon", "lambda_ms"}
+           "lambda_recon", "lambda_ms", "lambda_hist"}
 
 
 def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
