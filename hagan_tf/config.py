@@ -57,7 +57,10 @@ class HAGANConfig:
     shuffle_buffer: int = 64
     spacing: float = 1.0  # voxel size in mm of the training volumes (NIfTI affine of samples)
     # inference
-    tile_depth: int = 32  # output slices decoded at a time (exactly, in bounded memory; 0: all)
+    # output slices decoded at a time (exactly, in bounded memory). None (null): auto, 32 slices
+    # of 256^2 voxels' worth whatever S, i.e. 32 * (256 / S)^2: 8 at 512^3, 32 at 256^3, the
+    # whole volume at 128^3 and below (hagan_tf.tiled.auto_tile_depth); 0: the whole volume
+    tile_depth: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -87,7 +90,7 @@ class HAGANConfig:
             raise ValueError(f"loss must be 'bce' or 'hinge', got {self.loss!r}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.tile_depth < 0:
+        if self.tile_depth is not None and self.tile_depth < 0:
             raise ValueError(f"tile_depth must be >= 0 (0: decode the whole volume at once), "
                              f"got {self.tile_depth}")
         if min(self.r1_gamma, self.lambda_recon, self.lambda_ms, self.lambda_hist, self.diversity_every,

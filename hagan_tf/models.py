@@ -159,10 +159,13 @@ class Generator(_Network):
         """Full volumes [B, S, S, S, 1], equal to `self(z)`, decoded `tile_depth` slices at a
         time below G^A's second-to-last block (hagan_tf.tiled): memory then stays bounded at
         512^3. A NumPy array eagerly, a tensor inside a tf.function. tile_depth: default the
-        config's; 0 or >= S decodes the whole volume at once."""
+        config's, whose own default (None) is `tiled.auto_tile_depth(S)`, 32 * (256 / S)^2
+        slices; 0 or >= S decodes the whole volume at once."""
         from . import tiled
 
         depth = self.config.tile_depth if tile_depth is None else int(tile_depth)
+        if depth is None:
+            depth = tiled.auto_tile_depth(self.config.size)
         if depth <= 0 or depth >= self.config.size:
             out = self(z, labels=labels)
             return out.numpy() if tf.executing_eagerly() else out

@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from hagan_tf import HAGAN, HAGANConfig
-from hagan_tf.tiled import Chain
+from hagan_tf.tiled import Chain, _needed, auto_tile_depth
 
 
 def _generator(size, num_classes=0, seed=0):
@@ -49,17 +49,38 @@ def test_one_slab_or_none_takes_the_whole_volume_path():
         np.testing.assert_array_equal(gan.generate(z, tile_depth=depth), whole)
 
 
-def test_the_plan_reads_one_halo_row_per_convolution_and_covers_every_row():
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_the_plan_computes_each_row_once_from_the_rows_held(rows):
     gan = _generator(64)
     blocks = gan.generator.common.layers[-1:] + gan.generator.high_res_head.layers
     chain = Chain(blocks, 16)  # A: 16 rows at 64^3, G^A's last block keeps them, G^H doubles twice
     assert chain.depths == [16, 16, 32, 64]
-    plan = chain.plan(2, 16)
-    assert [tuple(p[-1]) for p in plan] == [(0, 16), (16, 32), (32, 48), (48, 64)]
-    # output rows 16..32 read rows 7..17 after G^H's first block (x2 upsample, one halo row),
-    # 3..9 of A and 2..10 of G^A's input: a slab depends on nothing beyond its halo
-    assert [tuple(r) for r in plan[1]] == [(2, 10), (3, 9), (7, 17), (16, 32)]
-    assert tuple(plan[0][0]) == (0, 6) and tuple(plan[-1][0]) == (10, 16)  # clipped at the faces
+    plan = chain.plan(2, rows)
+    for level in (1, 2, 3):  # each level's rows computed once, in order, some in every step
+        spans = [tuple(step[level][:2]) for step in plan]
+        assert spans[0][0] == 0 and spans[-1][1] == chain.depths[level]
+        assert all(a[1] == b[0] and b[1] > b[0] for a, b in zip(spans, spans[1:]))
+    # what a level holds in a step (the rows kept from the step before, then its new rows) is
+    # exactly what the next block reads for its new rows: one halo row per 3^3 convolution
+    for t, step in enumerate(plan):
+        assert tuple(step[0][:2]) == _needed(blocks[0], *step[1][:2], 16)
+        for level in (1, 2):
+            kept = plan[t - 1][level][2] if t else 0
+            held = (step[level][0] - kept, step[level][1])
+            assert held == _needed(blocks[level], *step[level + 1][:2], chain.depths[level])
+    if rows == 4:  # 4 rows of G^A's last block a step: 16 output slices (10 in the first)
+        assert [tuple(s[3][:2]) for s in plan] == [(0, 10), (10, 26), (26, 42), (42, 64)]
+        # output rows 10..26 read rows 4..14 of G^H's first block (two kept), 2..8 of G^A's
+        # last (two kept) and 3..9 of its input
+        assert [tuple(r) for r in plan[1]] == [(3, 9, 0), (4, 8, 2), (6, 14, 2), (10, 26, 0)]
+
+
+def test_the_default_slab_is_bounded_by_voxels():
+    assert [auto_tile_depth(s) for s in (64, 128, 256, 512)] == [512, 128, 32, 8]
+    assert HAGANConfig().tile_depth is None and HAGANConfig(tile_depth=None).tile_depth is None
+    gan = _generator(64)  # auto at 64^3: 512 slices >= S, the plain whole-volume decode
+    z = gan.sample_z(1, seed=4)
+    np.testing.assert_array_equal(gan.generate(z), gan.generator(z).numpy())
 
 
 def test_only_same_3x3x3_blocks_decode_by_slabs():
