@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from .config import HAGANConfig
+from .dtypes import at_least_float32
 from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, MinibatchStd, SNConvLeaky, SNDense
 from .lean_ops import depth_slab, leaky_relu
 
@@ -259,7 +260,7 @@ class Discriminator(_Network):
         self.built = True
 
     def call(self, slab, low_res, crop, training=False):
-        position = ops.cast(crop, "float32") / float(self.config.max_crop)
+        position = ops.cast(crop, at_least_float32(self.compute_dtype)) / float(self.config.max_crop)
         h = self.high_res(slab, position, training=training)
         l = self.low_res(low_res, training=training)
         if self.config.num_classes == 0:
