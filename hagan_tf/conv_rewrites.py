@@ -154,7 +154,6 @@ def _parity_convs(x, kernel):
     parity after the other. Autodiff would keep the kernels, the padded input and the 8
     windows (~290 MB in G^A's last layer at 256^3).
     """
-    taps = tf.constant(np.stack([_PARITY_TAPS[p][:, p:p + 2] for p in (0, 1)]), kernel.dtype)
     d, h, w = spatial_shape(x)
 
     def window(xp, p, q, r):
@@ -169,7 +168,7 @@ def _parity_convs(x, kernel):
         def grad(dy):
             with tf.GradientTape() as tape:
                 tape.watch(kernel)
-                k = _per_parity_kernels(kernel, taps)
+                k = parity_kernels(kernel)
             xp = padded(x)
             dxp, dk = None, []
             for i, (p, q, r) in enumerate(_PARITIES):
@@ -182,7 +181,7 @@ def _parity_convs(x, kernel):
             dk = tf.reshape(tf.stack(dk), k.shape)
             return dxp[:, 1:-1, 1:-1, 1:-1], tape.gradient(k, kernel, output_gradients=dk)
 
-        k, xp = _per_parity_kernels(kernel, taps), padded(x)
+        k, xp = parity_kernels(kernel), padded(x)
         y = [tf.nn.conv3d(window(xp, p, q, r), k[p, q, r], _ONES, "VALID") for p, q, r in _PARITIES]
         return tf.stack(y, axis=-2), grad
 
@@ -223,6 +222,33 @@ def _per_parity_kernels(kernel, taps):
     return tf.transpose(k, [2, 4, 6, 3, 5, 7, 0, 1])
 
 
+# The 2 taps each parity keeps: _TWO_TAPS[p, t, j], j over input offsets p - 1 and p.
+_TWO_TAPS = np.stack([_PARITY_TAPS[p][:, p:p + 2] for p in (0, 1)])
+
+
+def parity_kernels(kernel):
+    """An upsampling 3^3 convolution's kernel per output parity: for 8 or more outputs,
+    [2,2,2, 2,2,2, in, out] (parity, then its 2^3 kernel, VALID on the input padded by one and
+    cut at the parity's offset); for fewer, [3,3,3, in, 8 * out] (the parities as output
+    channels of one 'same' 3^3 convolution). `interleave_parities` puts the results in place."""
+    c_in, c_out = kernel.shape[-2], kernel.shape[-1]
+    if c_out >= 8:
+        return _per_parity_kernels(kernel, tf.constant(_TWO_TAPS, kernel.dtype))
+    k = _per_parity_kernels(kernel, tf.constant(_PARITY_TAPS, kernel.dtype))
+    return tf.reshape(tf.transpose(k, [3, 4, 5, 6, 0, 1, 2, 7]), [3, 3, 3, c_in, 8 * c_out])
+
+
+def interleave_parities(y, c_out: int):
+    """[B, D, H, W, 8 * c_out] (or [..., 8, c_out]), parity (p, q, r) in the channels ->
+    [B, 2D, 2H, 2W, c_out], output voxel (2i + p, 2j + q, 2k + r) from parity (p, q, r) at
+    (i, j, k). Static sizes where known (the tiled decode's depth changes from step to step)."""
+    s = tf.shape(y)
+    d, h, w = (y.shape[i] if y.shape[i] is not None else s[i] for i in (1, 2, 3))
+    y = tf.reshape(y, [-1, d, h, w, 2, 2, 2, c_out])
+    y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])
+    return tf.reshape(y, [-1, 2 * d, 2 * h, 2 * w, c_out])
+
+
 def _weights_dominate(x) -> bool:
     """Below 8^3 input voxels (G^A's first upsampling, 512 channels) deriving the 8 parity
     kernels costs more than it saves: upsample and convolve directly there."""
@@ -240,14 +266,9 @@ def upsample_conv3d(x, kernel):
     output channels. (TF's conv3d_transpose would do it in one op but is 100x slower on CPU
     for batches larger than one.)
     """
-    d, h, w = spatial_shape(x)
-    c_in, c_out = kernel.shape[-2], kernel.shape[-1]
-    if c_out < 8:  # k: [p,q,r, 3,3,3, in, out] -> one 3^3 conv with (p,q,r,out) channels
-        k = _per_parity_kernels(kernel, tf.constant(_PARITY_TAPS, dtype=kernel.dtype))
-        k = tf.reshape(tf.transpose(k, [3, 4, 5, 6, 0, 1, 2, 7]), [3, 3, 3, c_in, 8 * c_out])
-        y = rewritten_conv3d(x, k)
+    c_out = kernel.shape[-1]
+    if c_out < 8:  # one 3^3 conv with (p,q,r,out) channels
+        y = rewritten_conv3d(x, parity_kernels(kernel))
     else:  # one VALID 2^3 conv per parity on a shifted window
         y = _parity_convs(x, kernel)
-    y = tf.reshape(y, [-1, d, h, w, 2, 2, 2, c_out])
-    y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])  # interleave the parities
-    return tf.reshape(y, [-1, 2 * d, 2 * h, 2 * w, c_out])
+    return interleave_parities(y, c_out)

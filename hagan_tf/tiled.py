@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from .conv_rewrites import _PARITIES, _PARITY_TAPS, _per_parity_kernels
+from .conv_rewrites import _PARITIES, interleave_parities, parity_kernels
 from .lean_ops import channel_sums
 
 # Output voxels per step of the default ('auto') slab: 32 slices of 256^2 (see
@@ -125,11 +125,8 @@ class Chain:
             k = self.parity_kernels(i) if block.upsample else tf.cast(block.conv.kernel, tf.float32)
             y = tf.nn.conv3d(h, k, [1] * 5, "VALID")
         del h
-        if block.upsample:  # interleave the parities: output 2j + p from input rows j - 1 + p, j + p
-            s, (height, width), c_out = tf.shape(y), y.shape[2:4], block.filters
-            y = tf.reshape(y, [s[0], s[1], height, width, 2, 2, 2, c_out])
-            y = tf.transpose(y, [0, 1, 4, 2, 5, 3, 6, 7])
-            y = tf.reshape(y, [s[0], 2 * s[1], 2 * height, 2 * width, c_out])
+        if block.upsample:  # output 2j + p from input rows j - 1 + p, j + p
+            y = interleave_parities(y, block.filters)
         y = y + tf.cast(block.conv.bias, tf.float32)
         if stats is None:
             return y
@@ -144,19 +141,10 @@ class Chain:
         return y
 
     def parity_kernels(self, i: int):
-        """Block i's upsampling convolution as per-parity kernels: [2,2,2, 2,2,2, in, out] (one
-        2^3 kernel per output parity) or, for fewer than 8 outputs, [3,3,3, in, 8 out] (the
-        parities as channels), as hagan_tf.conv_rewrites.upsample_conv3d computes them."""
+        """Block i's upsampling kernel per output parity (conv_rewrites.parity_kernels), derived
+        once per decode."""
         if i not in self._kernels:
-            kernel = tf.cast(self.blocks[i].conv.kernel, tf.float32)
-            c_in, c_out = kernel.shape[-2], kernel.shape[-1]
-            if c_out < 8:
-                k = _per_parity_kernels(kernel, tf.constant(_PARITY_TAPS))
-                k = tf.reshape(tf.transpose(k, [3, 4, 5, 6, 0, 1, 2, 7]), [3, 3, 3, c_in, 8 * c_out])
-            else:
-                taps = np.stack([_PARITY_TAPS[p][:, p:p + 2] for p in (0, 1)])
-                k = _per_parity_kernels(kernel, tf.constant(taps))
-            self._kernels[i] = k
+            self._kernels[i] = parity_kernels(tf.cast(self.blocks[i].conv.kernel, tf.float32))
         return self._kernels[i]
 
     def stream(self, x, top: int, rows: int, stats, emit, acc, raw: bool = False):
