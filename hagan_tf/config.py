@@ -9,6 +9,10 @@ from typing import Any
 import yaml
 
 
+# G's image outputs: the paper's tanh, and the same values with two other gradients (layers.py)
+G_OUTPUTS = ("tanh", "tanh_st", "tanh_inward")
+
+
 @dataclasses.dataclass
 class HAGANConfig:
     """Model and training settings; the defaults are the paper's 256^3 setup."""
@@ -42,10 +46,13 @@ class HAGANConfig:
     lambda_recon: float = 0.0  # G also learns to reproduce real scans from E's codes (0: off)
     lambda_ms: float = 0.0  # weight of the mode-seeking term on G (MSGAN; 0: off)
     lambda_hist: float = 0.0  # G also matches the real batch's voxel intensities (1-D W1; 0: off)
+    d_steps: int = 1  # D updates per iteration (WGAN's n_critic), each on its own batch of
+    # batch_size real scans; G, E^H and E^G then update once, on the last of them (1: the paper)
     minibatch_std: bool = False  # D^H and D^L also see the batch's feature spread (ProGAN)
     g_output: str = "tanh"  # G's image outputs: "tanh" (the paper) or "tanh_st", the same values
     # with the gradient passed straight through in training: a saturated tanh passes none, and
-    # small Gs push air and lungs to -1 early, where they stay (see lambda_hist)
+    # small Gs push air and lungs to -1 early, where they stay (see lambda_hist); "tanh_inward"
+    # passes it straight through only where it pulls a voxel back toward 0 (layers.tanh_inward)
     diversity_every: int = 500  # steps between collapse checks (TensorBoard diversity/*; 0: off)
     collapse_threshold: float = 0.5  # warn when sample diversity / real diversity falls below
     checkpoint_every: int = 1000
@@ -65,7 +72,7 @@ class HAGANConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, f.type, getattr(self, f.name)))
-        positive = ("batch_size", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
+        positive = ("batch_size", "d_steps", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every",
                     "image_every", "shuffle_buffer", "lr_g", "lr_d", "lr_eh", "lr_eg", "spacing")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -84,8 +91,8 @@ class HAGANConfig:
             raise ValueError(f"downsample must be 'nearest' or 'area', got {self.downsample!r}")
         if self.g_norm_groups not in (1, 2, 4, 8):  # channel counts are multiples of 8
             raise ValueError(f"g_norm_groups must be 1, 2, 4 or 8, got {self.g_norm_groups}")
-        if self.g_output not in ("tanh", "tanh_st"):
-            raise ValueError(f"g_output must be 'tanh' or 'tanh_st', got {self.g_output!r}")
+        if self.g_output not in G_OUTPUTS:
+            raise ValueError(f"g_output must be one of {G_OUTPUTS}, got {self.g_output!r}")
         if self.loss not in ("bce", "hinge"):
             raise ValueError(f"loss must be 'bce' or 'hinge', got {self.loss!r}")
         if not 0 <= self.ema_decay < 1:

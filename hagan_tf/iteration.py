@@ -74,8 +74,11 @@ class _Iteration:
 
     @property
     def step(self):
-        """Iterations done: the D optimizer steps exactly once per iteration."""
-        return self.d_optimizer.iterations
+        """Iterations done: the D optimizer steps exactly config.d_steps times per iteration
+        (a loss-scaled step it skips still counts, optimizers.LossScaleOptimizer)."""
+        if self.config.d_steps == 1:
+            return self.d_optimizer.iterations
+        return self.d_optimizer.iterations // self.config.d_steps
 
     def draw_crop(self, step):
         """r for this iteration: a multiple of 4 in 0..7S/8, so real and fake slabs align.
@@ -116,6 +119,11 @@ class _Iteration:
         opt.apply_gradients(list(zip(grads, variables)))
         with tf.control_dependencies(grads):
             return {k: tf.identity(v) for k, v in out.items()}
+
+    def _d_on_batch(self, volume, labels, crop, z, global_b, aug_seed):
+        """A D update of its own batch (config.d_steps > 1), as the next update's thunk."""
+        return lambda: self.d_update(self.real_slab(volume, crop), self.real_low_res(volume),
+                                     labels, crop, z, global_b, aug_seed)
 
     def make_train_function(self, force=False):
         """One tf.function for the whole iteration, where Keras nests the step's function in
@@ -176,15 +184,28 @@ class _Iteration:
                 else self.draw_crop(step))
         z_d, z_g = (tf.cast(draws[k] if k in draws else self.draw_z(step, local_b, i), precision)
                     for i, k in enumerate(("z_d", "z_g")))
-        real_slab = self.real_slab(volume, crop)
-        real_low = self.real_low_res(volume)
         aug_seed = tf.stack([tf.cast(self.config.seed, tf.int32) * 7919 + tf.cast(rid, tf.int32),
                              tf.cast(step, tf.int32) * 64])  # DiffAugment's (config.augment)
-        updates = (lambda: self.d_update(real_slab, real_low, labels, crop, z_d, global_b, aug_seed),
+        k = self.config.d_steps
+        if k > 1:  # the batch holds k batches: one for each D update, the last also for G and E
+            split = lambda x: tf.split(x, k) if x is not None else [None] * k  # noqa: E731
+            volumes, label_sets, z_ds = split(volume), split(labels), split(z_d)
+            local_b, global_b = local_b // k, global_b / k
+            d_updates = [self._d_on_batch(volumes[j], label_sets[j], crop, z_ds[j], global_b,
+                                          aug_seed + tf.constant([104729 * j, 0], tf.int32))
+                         for j in range(k - 1)]
+            volume, labels, z_d = volumes[-1], label_sets[-1], z_ds[-1]
+            z_g = z_g[:local_b] if "z_g" not in draws else z_g
+        else:
+            d_updates = []
+        real_slab = self.real_slab(volume, crop)
+        real_low = self.real_low_res(volume)
+        updates = d_updates + [
+                   lambda: self.d_update(real_slab, real_low, labels, crop, z_d, global_b, aug_seed),
                    lambda: self.g_update(labels, crop, z_g, global_b, aug_seed,
                                          (volume, real_slab, real_low)),
                    lambda: self.eh_update(real_slab, global_b),
-                   lambda: self.eg_update(volume, real_slab, real_low, labels, crop, global_b))
+                   lambda: self.eg_update(volume, real_slab, real_low, labels, crop, global_b)]
         logs = {}
         for update in updates:  # one after the other (see _apply)
             with tf.control_dependencies(list(logs.values())):

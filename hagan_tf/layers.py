@@ -21,6 +21,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from ._compat import kernel_variable
+from .config import G_OUTPUTS as TANH_POSTS
 from .conv_rewrites import conv3d
 from .dtypes import upcast
 from .lean_ops import divide, group_norm_op, leaky_relu
@@ -173,6 +174,23 @@ class GroupNorm(layers.GroupNormalization):
         return group_norm_op(inputs, upcast(self.gamma), upcast(self.beta), self.groups, self.epsilon)
 
 
+@tf.custom_gradient
+def tanh_inward(x):
+    """tanh whose gradient never vanishes in the direction that leaves saturation.
+
+    A descent step that would move an output toward 0 gets the straight-through gradient
+    (slope 1); one that would push it further out gets tanh's own (~0 when saturated). So a
+    voxel that D drove to -1 early can come back, while nothing drives a pre-activation
+    outward without bound (which the plain straight-through "tanh_st" allows)."""
+    y = tf.tanh(x)
+
+    def grad(g):
+        inward = g * tf.sign(x) > 0  # descent moves y by -g: toward 0 when sign(g) == sign(y)
+        return tf.where(inward, g, g * (1.0 - y * y))
+
+    return y, grad
+
+
 def group_norm(name=None, groups=GN_GROUPS):
     return GroupNorm(groups=groups, epsilon=GN_EPSILON, name=name)
 
@@ -183,8 +201,9 @@ class ConvBlock(layers.Layer):
 
     The one unit every generator and encoder stage is made of. `post` picks what follows the
     convolution: "gn_relu" (hidden layers), "tanh" (image outputs; "tanh_st": the same values,
-    but in training the gradient passes straight through, so a saturated voxel still learns)
-    or "none" (E^G's last conv).
+    but in training the gradient passes straight through, so a saturated voxel still learns;
+    "tanh_inward": straight through only toward 0, see `tanh_inward`) or "none" (E^G's last
+    conv).
     """
 
     def __init__(self, filters, kernel_size=3, strides=1, padding="same", upsample=False,
@@ -214,7 +233,9 @@ class ConvBlock(layers.Layer):
             return ops.relu(self.norm(x))
         if self.post == "tanh_st" and training:
             return x + ops.stop_gradient(ops.tanh(x) - x)
-        if self.post in ("tanh", "tanh_st"):
+        if self.post == "tanh_inward" and training:
+            return tanh_inward(x)
+        if self.post in TANH_POSTS:
             return ops.tanh(x)
         return x
 

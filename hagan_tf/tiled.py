@@ -29,6 +29,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from .config import G_OUTPUTS as TANH_POSTS
 from .conv_rewrites import _PARITIES, interleave_parities, parity_kernels
 from .lean_ops import channel_sums
 
@@ -136,7 +137,7 @@ class Chain:
             y = y * scale
             y = y + offset
             return tf.nn.relu(y)
-        if block.post in ("tanh", "tanh_st"):
+        if block.post in TANH_POSTS:
             return tf.tanh(y)
         return y
 
@@ -259,22 +260,28 @@ def _loop(n: int, body, state):
                          shape_invariants=(tf.TensorShape([]), tf.nest.map_structure(invariant, state)))[1]
 
 
-def decode(blocks, x, tile_depth: int):
+def decode(blocks, x, tile_depth: int, out=None):
     """The blocks' output for held input x [B, D, H, W, C], computed `tile_depth` output slices
-    at a time: a NumPy array eagerly (one buffer, written as the steps arrive), a tensor inside
-    a tf.function."""
+    at a time. Eagerly, each step's rows go into `out` as they arrive (`out[:, c:e] = rows`, c
+    increasing): a new NumPy array if None, else any array-like taking that assignment, e.g.
+    io.NiftiVolumes, which writes them to files so that the output is never whole in memory;
+    `out` is returned. Inside a tf.function a tensor (`out` must be None)."""
     x = tf.cast(x, tf.float32)
     chain = Chain(blocks, x.shape[1])
     rows = chain.step_rows(tile_depth)
     stats = chain.statistics(x, rows)
     last = len(chain.blocks) - 1
     if tf.executing_eagerly():
-        out = np.empty([x.shape[0], chain.depths[-1]] + chain.shape(last + 1, x.shape[2]), np.float32)
+        if out is None:
+            out = np.empty([x.shape[0], chain.depths[-1]] + chain.shape(last + 1, x.shape[2]),
+                           np.float32)
 
         def write(_, y, t, c, e):
             out[:, c:e] = y.numpy()
         chain.stream(x, last, rows, stats, write, None)
         return out
+    if out is not None:
+        raise ValueError("a traced decode returns its output: out must be None")
     steps = len(chain.plan(last, rows))
     slabs = chain.stream(x, last, rows, stats, lambda ta, y, t, c, e: ta.write(
         t, tf.transpose(y, [1, 0, 2, 3, 4])), tf.TensorArray(tf.float32, steps, infer_shape=False))

@@ -187,6 +187,32 @@ def test_resumed_ema_equals_uninterrupted_ema(data, tmp_path):
     assert not np.allclose(ema_a.weights[0].numpy(), HAGAN(cfg).ema.weights[0].numpy())
 
 
+def test_d_steps_runs_k_d_updates_on_their_own_batches_then_one_g_update():
+    """d_steps=2 (n_critic): one iteration = D on the first half of the batch, then the paper's
+    iteration on the second half; the same as doing those by hand with d_steps=1."""
+    rng = np.random.default_rng(1)
+    x = _batch(4, seed=3)
+    z_d = rng.standard_normal((4, 16)).astype("float32")
+    z_g = rng.standard_normal((2, 16)).astype("float32")
+    crop = np.array([8, 8, 8, 8], np.int32)
+    two, one = HAGAN(tiny(d_steps=2, loss="hinge", ema_decay=0.9)), HAGAN(tiny(loss="hinge", ema_decay=0.9))
+    one.set_weights(two.get_weights())
+    two.compile()
+    one.compile()
+    two.train_on_batch({"volume": x, "crop": crop, "z_d": z_d, "z_g": z_g})
+    r = tf.constant(8)
+    one.d_update(one.real_slab(x[:2], r), one.real_low_res(x[:2]), None, r, z_d[:2],
+                 tf.constant(2.0))
+    one.train_on_batch({"volume": x[2:], "crop": crop[:2], "z_d": z_d[2:], "z_g": z_g})
+    assert int(two.step) == 1 and int(two.d_optimizer.iterations) == 2
+    assert int(two.g_optimizer.iterations) == int(two.eh_optimizer.iterations) == 1
+    assert int(one.d_optimizer.iterations) == 2
+    for a, b in zip(two.weights, one.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+    with pytest.raises(ValueError, match="d_steps"):
+        tiny(d_steps=0)
+
+
 # -- collapse detection ---------------------------------------------------------------------
 
 class _Stub(keras.Model):

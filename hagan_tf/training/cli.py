@@ -166,7 +166,8 @@ def training_input(strategy: tf.distribute.Strategy, data_dir: str, config: HAGA
 
     def inputs(ctx: tf.distribute.InputContext):
         local_replicas = ctx.num_replicas_in_sync // ctx.num_input_pipelines
-        ds = make_dataset(data_dir, ctx.get_per_replica_batch_size(config.batch_size),
+        ds = make_dataset(data_dir, ctx.get_per_replica_batch_size(config.batch_size)
+                          * config.d_steps,  # one batch for each D update (train_step splits)
                           size=config.size, exclude_folds=excluded, shuffle=config.shuffle_buffer,
                           seed=config.seed, start_step=start_step * local_replicas, dtype=dtype,
                           shard=(ctx.input_pipeline_id, ctx.num_input_pipelines))
