@@ -162,7 +162,9 @@ class _Iteration:
         z of the D and of the G update; the E^G update draws none). Any reference, or an
         experiment, can then be replayed exactly: `gan.train_on_batch({"volume": x, "crop":
         [8, 8], "z_d": z1, "z_g": z2})`. An r that is not a multiple of 4 reproduces the
-        reference's misalignment (real slab at r, fake slab at 4 * (r // 4)).
+        reference's misalignment (real slab at r, fake slab at 4 * (r // 4)). With
+        config.d_steps = k the batch holds k batches (and "z_d" k times the rows), one per D
+        update; "z_g" has the rows of one.
         """
         data = keras.utils.unpack_x_y_sample_weight(data)[0]  # train_on_batch packs (x, y, w)
         volume = data["volume"] if isinstance(data, dict) else data
