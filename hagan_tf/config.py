@@ -52,7 +52,7 @@ class HAGANConfig:
     g_output: str = "tanh"  # G's image outputs: "tanh" (the paper) or "tanh_st", the same values
     # with the gradient passed straight through in training: a saturated tanh passes none, and
     # small Gs push air and lungs to -1 early, where they stay (see lambda_hist); "tanh_inward"
-    # passes it straight through only where it pulls a voxel back toward 0 (layers.tanh_inward)
+    # gives a step back toward 0 at least tanh's slope at air's level (layers.tanh_inward)
     diversity_every: int = 500  # steps between collapse checks (TensorBoard diversity/*; 0: off)
     collapse_threshold: float = 0.5  # warn when sample diversity / real diversity falls below
     checkpoint_every: int = 1000

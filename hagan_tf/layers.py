@@ -174,19 +174,24 @@ class GroupNorm(layers.GroupNormalization):
         return group_norm_op(inputs, upcast(self.gamma), upcast(self.beta), self.groups, self.epsilon)
 
 
+INWARD_SLOPE = 0.06  # tanh's slope at -0.97, the darkest real voxel (air, -1000 HU)
+
+
 @tf.custom_gradient
 def tanh_inward(x):
-    """tanh whose gradient never vanishes in the direction that leaves saturation.
+    """tanh whose gradient does not vanish in the direction that leaves saturation.
 
-    A descent step that would move an output toward 0 gets the straight-through gradient
-    (slope 1); one that would push it further out gets tanh's own (~0 when saturated). So a
-    voxel that D drove to -1 early can come back, while nothing drives a pre-activation
-    outward without bound (which the plain straight-through "tanh_st" allows)."""
+    A descent step that would move an output toward 0 gets at least INWARD_SLOPE (tanh's own
+    is ~0.002 at the -3.9 where small Gs park air and lungs); one that would push it further
+    out gets tanh's own. So a voxel that D drove to -1 early can come back, nothing runs away
+    outward, and voxels within the data's range train exactly as under tanh (a slope of 1
+    inward, tried first, biased every voxel toward grey: RESULTS.md)."""
     y = tf.tanh(x)
 
     def grad(g):
+        slope = 1.0 - y * y
         inward = g * tf.sign(x) > 0  # descent moves y by -g: toward 0 when sign(g) == sign(y)
-        return tf.where(inward, g, g * (1.0 - y * y))
+        return g * tf.where(inward, tf.maximum(slope, INWARD_SLOPE), slope)
 
     return y, grad
 

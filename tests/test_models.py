@@ -554,24 +554,25 @@ def test_straight_through_tanh_keeps_values_and_passes_saturated_gradients():
 
 def test_inward_tanh_passes_only_the_gradient_that_leaves_saturation():
     """g_output "tanh_inward": tanh's values; a step that would pull a saturated output back
-    toward 0 gets slope 1, one that would push it further out gets tanh's own ~0."""
-    from hagan_tf.layers import ConvBlock, tanh_inward
+    toward 0 gets at least INWARD_SLOPE, one that would push it further out gets tanh's own
+    ~0; inside the data's range the gradient is tanh's."""
+    from hagan_tf.layers import INWARD_SLOPE, ConvBlock, tanh_inward
 
-    x = tf.constant([-6.0, -6.0, 0.0, 0.0, 6.0, 6.0, 0.5])
-    g = tf.constant([-1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 2.0])  # dLoss/dy; descent moves y by -g
+    x = tf.constant([-6.0, -6.0, 0.0, 0.0, 6.0, 6.0, 0.5, -1.0])
+    g = tf.constant([-1.0, 1.0, -1.0, 1.0, -1.0, 1.0, 2.0, -3.0])  # dLoss/dy; descent: y - g
     with tf.GradientTape() as tape:
         tape.watch(x)
         y = tanh_inward(x)
         loss = tf.reduce_sum(y * g)
     np.testing.assert_allclose(y, np.tanh(x.numpy()), rtol=1e-6)
     grad = tape.gradient(loss, x).numpy()
-    tanh_slope = 1 - np.tanh(x.numpy()) ** 2
-    # at -6: g=-1 raises y (inward) -> -1; g=+1 lowers it (outward) -> tanh's ~0
-    np.testing.assert_allclose(grad[:2], [-1.0, tanh_slope[1]], rtol=1e-5)
-    assert abs(grad[1]) < 1e-4
+    slope = 1 - np.tanh(x.numpy()) ** 2
+    # at -6: g=-1 raises y (inward) -> the floor; g=+1 lowers it (outward) -> tanh's ~0
+    np.testing.assert_allclose(grad[:2], [-INWARD_SLOPE, slope[1]], rtol=1e-5)
+    assert abs(grad[1]) < 1e-4 < INWARD_SLOPE
     np.testing.assert_allclose(grad[2:4], [-1.0, 1.0], rtol=1e-6)  # at 0 both slopes are 1
-    np.testing.assert_allclose(grad[4:6], [-tanh_slope[4], 1.0], rtol=1e-5)
-    np.testing.assert_allclose(grad[6], 2.0, rtol=1e-6)  # at 0.5, g>0 lowers y toward 0: slope 1
+    np.testing.assert_allclose(grad[4:6], [-slope[4], INWARD_SLOPE], rtol=1e-5)
+    np.testing.assert_allclose(grad[6:], g.numpy()[6:] * slope[6:], rtol=1e-5)  # in range: tanh's
     block = ConvBlock(1, post="tanh_inward")
     v = tf.constant(np.random.default_rng(0).normal(0, 4, (1, 4, 4, 4, 2)), tf.float32)
     np.testing.assert_allclose(block(v, training=True), block(v, training=False), atol=1e-6)
