@@ -542,6 +542,34 @@ def test_requests_carry_at_most_two_256_cubed_volumes_unless_told():
     assert request_batch(3, 512) == 3  # --batch wins
 
 
+def test_hagan_encode_reads_multiframe_dicom_as_hagan_preprocess_does(served, tmp_path):
+    """An Enhanced CT file (frames shuffled, a rescale per frame) beside a truncated one: one
+    row, labelled by the file and equal to encoding the same phantom from NIfTI; the cut file
+    is reported and skipped."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_dicom_multiframe import write_enhanced_ct
+    from test_readers import phantom, write_nifti
+
+    from hagan_tf.preprocess.transform import preprocess_file
+
+    gan, _, grpc_port, _ = served
+    vol = phantom(seed=1)
+    good = tmp_path / "dicom" / "enhanced" / "IM0001"
+    write_enhanced_ct(good, vol, per_frame_rescale=True, shuffle_seed=4)
+    cut = tmp_path / "dicom" / "cut" / "IM0001"
+    write_enhanced_ct(cut, vol)
+    cut.write_bytes(cut.read_bytes()[:-3000])
+    nifti = write_nifti(tmp_path / "one.nii.gz", vol)
+    out = str(tmp_path / "emb.csv")
+    assert encode_main(["--server", f"127.0.0.1:{grpc_port}", str(tmp_path / "dicom"),
+                        "--out", out]) == 1  # a scan failed
+    with open(out) as f:
+        rows = list(csv.reader(f))[1:]
+    assert [r[0] for r in rows] == [str(good)]
+    expected = gan.encode(preprocess_file(nifti, 32)[0][None, ..., None]).numpy()[0]
+    assert np.abs(np.asarray(rows[0][1:], np.float32) - expected).max() <= 1e-4
+
+
 def test_hagan_encode_reads_dicom_series_as_hagan_preprocess_does(served, tmp_path, capsys):
     """A folder with two DICOM series and a NIfTI file: one row per scan, each series labelled
     by folder and subject id, equal to encoding the same phantoms from NIfTI."""

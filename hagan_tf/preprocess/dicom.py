@@ -2,7 +2,8 @@
 read. pydicom reads the headers (fast, tag by tag, with a precise error per file) to find,
 group, sort and check the slices; SimpleITK (GDCM) decodes the pixels, every transfer syntax
 included, and applies RescaleSlope/RescaleIntercept (stored values -> HU for CT). `readers`
-says how a series gets its subject id.
+says how a series gets its subject id. A multi-frame file found here is a scan of its own,
+read by `multiframe`, which shares the stack's geometry checks below.
 """
 
 from __future__ import annotations
@@ -27,23 +28,34 @@ log = logging.getLogger("hagan_tf.preprocess")
 SPACING_TOLERANCE = 0.05
 TILT_TOLERANCE_DEG = 0.1
 ORIENTATION_TOLERANCE = 1e-4
-DICOM_TAGS = ["SOPClassUID", "SeriesInstanceUID", "PatientID", "Modality", "Rows", "Columns",
-              "SamplesPerPixel", "NumberOfFrames", "ImagePositionPatient",
+DICOM_TAGS = ["SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "PatientID", "Modality",
+              "Rows", "Columns", "SamplesPerPixel", "NumberOfFrames", "ImagePositionPatient",
               "ImageOrientationPatient", "PixelSpacing", "GantryDetectorTilt", "InstanceNumber"]
 
 
 @dataclasses.dataclass(frozen=True)
 class DicomSeries:
-    """One DICOM series as found under the inputs: its files, in any order."""
+    """One DICOM scan as found under the inputs: a series of single-frame files, in any order
+    (`frames` 0), or one multi-frame file holding every slice (`frames`: how many; `files` is
+    that one file; read by `multiframe`)."""
 
     uid: str
     files: tuple[str, ...]
     subject_id: str
     folder: str
     patient_id: str = ""
+    frames: int = 0
 
     def __str__(self) -> str:  # the `source` reported in the manifest and dead letters
-        return self.folder
+        return self.files[0] if self.frames else self.folder
+
+
+def number_of_frames(ds) -> int:
+    """NumberOfFrames (1 when absent, empty or malformed: read as a single frame)."""
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 # -- DICOM: finding the series ---------------------------------------------------------------------
@@ -98,30 +110,43 @@ def _series_id(patient: str, uid: str) -> str:
 
 def group_dicom(paths: Iterable[str], opener: Callable = _local_open,
                 threads: int = 8) -> tuple[list[DicomSeries], list[str]]:
-    """Candidate files -> (image series, files that look like DICOM but cannot be read).
+    """Candidate files -> (image scans, files that look like DICOM but cannot be read).
 
-    Files that are not DICOM, and DICOM objects without pixels (DICOMDIR, structure sets,
-    reports), are left out: they are not scans.
+    Single-frame files are grouped into series by SeriesInstanceUID; a multi-frame file (more
+    than one frame) is a scan of its own. Files that are not DICOM, and DICOM objects without
+    pixels (DICOMDIR, structure sets, reports), are left out: they are not scans. Subject ids:
+    `readers` module docstring.
     """
     paths = sorted(set(paths))
     with ThreadPoolExecutor(max(1, threads)) as pool:  # remote files: one request per header
         found = list(pool.map(lambda p: _classify(p, opener), paths))
     series: dict[str, list[str]] = {}
     patients: dict[str, str] = {}
+    multi: list[tuple[str, str, int, str, str]] = []  # path, uid, frames, patient, SOP instance
     broken = []
     for path, (kind, what) in zip(paths, found):
         if kind == "image":
             uid = str(what.SeriesInstanceUID).strip()
+            patient = str(what.get("PatientID", "") or "").strip()
+            frames = number_of_frames(what)
+            if frames > 1:
+                multi.append((path, uid, frames, patient,
+                              str(what.get("SOPInstanceUID", "") or "").strip()))
+                continue
             series.setdefault(uid, []).append(path)
-            patients.setdefault(uid, str(what.get("PatientID", "") or "").strip())
+            patients.setdefault(uid, patient)
         elif kind == "broken":
             broken.append(path)
         elif kind == "other":
             log.info("skipping %s: %s, not an image", path, what)
-    in_dir: dict[str, set] = {}
+    in_dir: dict[str, set] = {}  # folder -> the scans with files in it
     for uid, files in series.items():
         for f in files:
             in_dir.setdefault(_dirname(f), set()).add(uid)
+    uses = {uid: 1 for uid in series}  # scans per SeriesInstanceUID
+    for path, uid, *_ in multi:
+        in_dir.setdefault(_dirname(path), set()).add(("file", path))
+        uses[uid] = uses.get(uid, 0) + 1
     out = []
     for uid, files in series.items():
         dirs = sorted({_dirname(f) for f in files})
@@ -132,7 +157,81 @@ def group_dicom(paths: Iterable[str], opener: Callable = _local_open,
         alone = len(dirs) == 1 and in_dir[folder] == {uid}
         sid = subject_id(_basename(folder)) if alone else _series_id(patients[uid], uid)
         out.append(DicomSeries(uid, tuple(sorted(files)), sid, folder, patients[uid]))
-    return sorted(out, key=lambda s: (s.folder, s.uid)), broken
+    for path, uid, frames, patient, instance in multi:
+        folder = _dirname(path)
+        if in_dir[folder] == {("file", path)}:
+            sid = subject_id(_basename(folder))
+        elif uses[uid] == 1:
+            sid = _series_id(patient, uid)
+        else:  # several scans of one SeriesInstanceUID (e.g. one file per stack)
+            sid = f"{_series_id(patient, uid)}_{instance or subject_id(_basename(path))}"
+        out.append(DicomSeries(uid, (path,), sid, folder, patient, frames))
+    return sorted(out, key=lambda s: (s.folder, s.uid, s.files)), broken
+
+
+# -- DICOM: the geometry of a stack of slices (a series' files or a multi-frame file's frames) -----
+
+def plane_axes(iop: np.ndarray, pixel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ImageOrientationPatient -> (along a row, down a column, their normal), in LPS; ScanError
+    unless the two are orthogonal unit vectors and PixelSpacing is positive."""
+    row_dir, col_dir = iop[:3], iop[3:]
+    if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+            or abs(row_dir @ col_dir) > 1e-3):
+        raise ScanError(f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors")
+    if min(pixel) <= 0:
+        raise ScanError(f"PixelSpacing {list(pixel)} is not positive")
+    return row_dir, col_dir, np.cross(row_dir, col_dir)
+
+
+def stack_positions(positions, normal: np.ndarray, tilt_tag=None, unit: str = "slice",
+                    whole: str = "series") -> tuple[np.ndarray, np.ndarray, float]:
+    """ImagePositionPatient of each slice (or frame) -> (their order along the normal, the sorted
+    positions, the step in mm), or ScanError: two at one position, irregular spacing (a missing
+    one), or positions drifting off the normal (a gantry tilt: the stack is sheared)."""
+    ipp = np.asarray(positions, float)
+    n = len(ipp)
+    along = ipp @ normal
+    order = np.argsort(along, kind="stable")
+    along, ipp = along[order], ipp[order]
+    steps = np.diff(along)
+    same = int((steps < 1e-3).sum())
+    if same:
+        several = ("acquisitions or copies of a slice in one series" if unit == "slice" else
+                   f"stacks, phases or copies of a {unit} in one {whole}")
+        raise ScanError(f"{same + 1} {unit}s share a position along the {unit} normal (several "
+                        f"{several})")
+    step = (along[-1] - along[0]) / (n - 1)
+    off = np.abs(steps - step) > SPACING_TOLERANCE * step + 1e-3
+    if off.any():
+        worst = int(np.argmax(np.abs(steps - step)))
+        gap = steps[worst] / np.median(steps)
+        missing = gap > 1.5 and abs(gap - round(gap)) < 0.1
+        hint = f" ({round(gap) - 1} {unit}(s) missing?)" if missing else ""
+        raise ScanError(f"irregular {unit} spacing: steps from {steps.min():.4g} to "
+                        f"{steps.max():.4g} mm along the normal, {steps[worst]:.4g} mm after "
+                        f"{along[worst]:.4g} mm{hint}")
+    shift = ipp - ipp[0]
+    drift = np.linalg.norm(shift - np.outer(shift @ normal, normal), axis=1)[1:]
+    angles = np.degrees(np.arctan2(drift, along[1:] - along[0]))
+    if angles.max() > TILT_TOLERANCE_DEG:
+        said = f", GantryDetectorTilt {float(tilt_tag):g}" if tilt_tag not in (None, "") else ""
+        raise ScanError(f"gantry tilt: {unit} positions drift off the {unit} normal by up to "
+                        f"{angles.max():.2f} degrees{said} (the {unit}s are sheared; resample the "
+                        f"{whole} onto a rectangular grid first)")
+    return order, ipp, float(step)
+
+
+def stack_affine(iop: np.ndarray, pixel: np.ndarray, step: float, origin: np.ndarray
+                 ) -> np.ndarray:
+    """The LPS voxel-to-world affine of a sorted stack; columns: along a row (i), down a column
+    (j), across slices (k)."""
+    row_dir, col_dir, normal = plane_axes(iop, pixel)
+    affine = np.eye(4)
+    affine[:3, 0] = row_dir * pixel[1]  # PixelSpacing: [between rows, between columns]
+    affine[:3, 1] = col_dir * pixel[0]
+    affine[:3, 2] = normal * step
+    affine[:3, 3] = origin
+    return affine
 
 
 # -- DICOM: reading one series ---------------------------------------------------------------------
@@ -166,10 +265,10 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
             raise ScanError(f"unreadable slice {name}: {_one_line(e)}") from None
         if str(ds.get("SeriesInstanceUID", "")).strip() != series.uid:
             raise ScanError(f"slice {name} is not of series {series.uid}")
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = number_of_frames(ds)
         if frames > 1:
-            raise ScanError(f"slice {name}: multi-frame DICOM ({frames} frames in one file) is "
-                            "not supported")
+            raise ScanError(f"slice {name} is a multi-frame file ({frames} frames): a scan of "
+                            "its own, not a slice of a series")
         if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
             raise ScanError(f"slice {name}: {ds.SamplesPerPixel} samples per pixel (colour), "
                             "expected one")
@@ -178,13 +277,7 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
     rows, cols = int(ds0.get("Rows", 0) or 0), int(ds0.get("Columns", 0) or 0)
     iop = _floats(ds0, "ImageOrientationPatient", 6, name0)
     pixel = _floats(ds0, "PixelSpacing", 2, name0)  # [between rows, between columns]
-    row_dir, col_dir = iop[:3], iop[3:]
-    if (abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3
-            or abs(row_dir @ col_dir) > 1e-3):
-        raise ScanError(f"ImageOrientationPatient {list(iop)} is not two orthogonal unit vectors")
-    if min(pixel) <= 0:
-        raise ScanError(f"PixelSpacing {list(pixel)} is not positive")
-    normal = np.cross(row_dir, col_dir)
+    _, _, normal = plane_axes(iop, pixel)
     positions = []
     for name, ds in heads:
         if (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) != (rows, cols):
@@ -200,34 +293,8 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
     if int(np.prod([rows, cols, n], dtype=np.int64)) > MAX_VOXELS:
         raise ScanError(f"series of {n} slices of {rows}x{cols} exceeds the {MAX_VOXELS}-voxel "
                         "limit")
-    ipp = np.asarray(positions)
-    along = ipp @ normal
-    order = np.argsort(along, kind="stable")
-    along, ipp = along[order], ipp[order]
-    steps = np.diff(along)
-    same = int((steps < 1e-3).sum())
-    if same:
-        raise ScanError(f"{same + 1} slices share a position along the slice normal (several "
-                        "acquisitions or copies of a slice in one series)")
-    step = (along[-1] - along[0]) / (n - 1)
-    off = np.abs(steps - step) > SPACING_TOLERANCE * step + 1e-3
-    if off.any():
-        worst = int(np.argmax(np.abs(steps - step)))
-        gap = steps[worst] / np.median(steps)
-        missing = gap > 1.5 and abs(gap - round(gap)) < 0.1
-        hint = f" ({round(gap) - 1} slice(s) missing?)" if missing else ""
-        raise ScanError(f"irregular slice spacing: steps from {steps.min():.4g} to "
-                        f"{steps.max():.4g} mm along the normal, {steps[worst]:.4g} mm after "
-                        f"{along[worst]:.4g} mm{hint}")
-    shift = ipp - ipp[0]
-    drift = np.linalg.norm(shift - np.outer(shift @ normal, normal), axis=1)[1:]
-    angles = np.degrees(np.arctan2(drift, along[1:] - along[0]))
-    if angles.max() > TILT_TOLERANCE_DEG:
-        tag = ds0.get("GantryDetectorTilt")
-        said = f", GantryDetectorTilt {float(tag):g}" if tag not in (None, "") else ""
-        raise ScanError(f"gantry tilt: slice positions drift off the slice normal by up to "
-                        f"{angles.max():.2f} degrees{said} (the slices are sheared; resample the "
-                        "series onto a rectangular grid first)")
+    tag = ds0.get("GantryDetectorTilt")
+    order, ipp, step = stack_positions(positions, normal, tag)
     volume = np.empty((n, rows, cols), np.float32)
     for k, i in enumerate(order):
         path, name = files[i], heads[i][0]
@@ -241,11 +308,7 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
             raise ScanError(f"slice {name}: pixel data of shape {arr.shape[1:]}, header says "
                             f"{rows}x{cols}")
         volume[k] = arr[0]
-    affine = np.eye(4)  # columns: along a row (i), down a column (j), across slices (k)
-    affine[:3, 0] = row_dir * pixel[1]
-    affine[:3, 1] = col_dir * pixel[0]
-    affine[:3, 2] = normal * step
-    affine[:3, 3] = ipp[0]
+    affine = stack_affine(iop, pixel, step, ipp[0])
     extra = {"series_uid": series.uid, "slices": n}
     if ds0.get("Modality"):
         extra["dicom_modality"] = str(ds0.Modality)

@@ -5,9 +5,13 @@
 - DICOM series: pydicom reads the headers (fast, tag by tag, with a precise error per file) to
   find, group, sort and check the slices; SimpleITK (GDCM) decodes the pixels, every transfer
   syntax included, and applies RescaleSlope/RescaleIntercept (stored values -> HU for CT).
+- Multi-frame DICOM (Enhanced CT and the other enhanced classes: every slice in one file):
+  pydicom reads the functional groups and the pixels; the frames are sorted and checked as a
+  series' slices are, each with its own rescale (`multiframe`).
 
 This module lists the inputs and holds the one loader; the formats' own code is in `nifti`,
-`itk` (NRRD, MetaImage, and the LPS -> RAS+ step) and `dicom` (series).
+`itk` (NRRD, MetaImage, and the LPS -> RAS+ step), `dicom` (finding DICOM scans, series) and
+`multiframe` (multi-frame files).
 
 SimpleITK and DICOM describe space in LPS (x to the patient's left, y posterior, z superior);
 NIfTI in RAS. Both are converted by flipping x and y of the voxel-to-world affine and then taking
@@ -16,11 +20,15 @@ lands with left, right, anterior, posterior, superior and inferior in the same v
 format it came in.
 
 A DICOM series is identified by its SeriesInstanceUID, wherever its files lie under the inputs
-and whatever their names. Its subject id (the key for labels, folds and duplicates) is:
-- the name of its folder, when that folder holds this series and no other (the usual export
+and whatever their names. A multi-frame file (NumberOfFrames > 1) is a scan of its own, never
+part of a series, even beside single-frame files of its SeriesInstanceUID. The subject id of
+either (the key for labels, folds and duplicates) is:
+- the name of its folder, when that folder holds this scan and no other (the usual export
   layout, one folder per series; as a NIfTI scan's id is its file name);
 - otherwise `<PatientID>_<SeriesInstanceUID>` (PatientID reduced to letters, digits, `.`, `_`
-  and `-`; the UID alone when there is no PatientID): stable, and unique across a collection.
+  and `-`; the UID alone when there is no PatientID): stable, and unique across a collection;
+- for a multi-frame file whose SeriesInstanceUID another scan under the inputs shares (one file
+  per stack, or a series beside it), `<PatientID>_<SeriesInstanceUID>_<SOPInstanceUID>`.
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from typing import Callable, Iterable, Union
 import numpy as np
 
 from .dicom import (DicomSeries, _basename, _classify, _dirname, _local_open,  # noqa: F401
-                    group_dicom, load_dicom_series)
+                    group_dicom, load_dicom_series, number_of_frames)
 from .itk import load_itk
+from .multiframe import load_dicom_multiframe
 from .nifti import load_scan
 from .scans import ITK_SUFFIXES, NIFTI_SUFFIXES, SCAN_SUFFIXES, ScanError, _check_file, subject_id
 
@@ -75,7 +84,8 @@ def expand_inputs(inputs: Iterable[str], fs=_LocalFS, warn: Callable[[str], None
     """User inputs (files, folders, globs) -> sorted (subject id, source) items, one per scan.
 
     Folders are searched recursively: NIfTI/NRRD/MetaImage files by name, DICOM files by
-    content (any name), grouped into series by SeriesInstanceUID across all the inputs. A file
+    content (any name), grouped into series by SeriesInstanceUID across all the inputs (a
+    multi-frame file: a scan of its own). A file
     named explicitly is kept even when missing or unreadable, so that reading it reports why;
     so is a DICOM file whose header cannot be read. Pass each source to `preprocess_file`.
     """
@@ -111,12 +121,14 @@ def expand_inputs(inputs: Iterable[str], fs=_LocalFS, warn: Callable[[str], None
 
 
 def source_name(source: Source) -> str:
-    """The path a source is reported under (a DICOM series: its folder)."""
+    """The path a source is reported under (a DICOM series: its folder; a multi-frame file:
+    the file)."""
     return str(source)
 
 
 def find_series(folder: str) -> DicomSeries:
-    """The one DICOM series under a local folder (for `preprocess_file(folder)`)."""
+    """The one DICOM series (or multi-frame file) under a local folder (for
+    `preprocess_file(folder)`)."""
     if not os.path.isdir(folder):
         raise ScanError(f"no such directory: {folder}")
     found = [s for _, s in expand_inputs([folder], warn=lambda _: None)
@@ -136,11 +148,11 @@ def find_series(folder: str) -> DicomSeries:
 def load_volume(source: Source) -> tuple[np.ndarray, dict]:
     """Any supported scan -> (float32 [D, H, W] in RAS+, meta). Raises ScanError on bad input.
 
-    `source`: a NIfTI, NRRD or MetaImage file, a folder holding one DICOM series, or a
-    `DicomSeries` from `expand_inputs`.
+    `source`: a NIfTI, NRRD, MetaImage or multi-frame DICOM file, a folder holding one DICOM
+    series (or one multi-frame file), or a `DicomSeries` from `expand_inputs`.
     """
     if isinstance(source, DicomSeries):
-        return load_dicom_series(source)
+        return (load_dicom_multiframe if source.frames else load_dicom_series)(source)
     path = str(source)
     lower = path.lower()
     if lower.endswith(NIFTI_SUFFIXES):
@@ -148,7 +160,7 @@ def load_volume(source: Source) -> tuple[np.ndarray, dict]:
     if lower.endswith(ITK_SUFFIXES):
         return load_itk(path)
     if os.path.isdir(path):
-        return load_dicom_series(find_series(path))
+        return load_volume(find_series(path))
     _check_file(path)
     kind, what = _classify(path, _local_open)
     if kind == "not dicom":
@@ -158,14 +170,20 @@ def load_volume(source: Source) -> tuple[np.ndarray, dict]:
         raise ScanError(what)
     if kind == "other":
         raise ScanError(f"a DICOM {what} object, not an image")
-    uid = str(what.SeriesInstanceUID).strip()
-    return load_dicom_series(DicomSeries(uid, (path,), subject_id(path), _dirname(path)))
+    uid, frames = str(what.SeriesInstanceUID).strip(), number_of_frames(what)
+    return load_volume(DicomSeries(uid, (path,), subject_id(path), _dirname(path),
+                                   frames=frames if frames > 1 else 0))
 
 
 def source_subject_id(source: Source) -> str:
     """The subject id of a source: a file's name without its suffix, a series' as documented."""
     if isinstance(source, DicomSeries):
         return source.subject_id
-    if os.path.isdir(str(source)):
-        return subject_id(_basename(str(source)))
-    return subject_id(str(source))
+    path = str(source)
+    if os.path.isdir(path):
+        return subject_id(_basename(path))
+    if not _is_scan_name(path) and os.path.isfile(path):  # a multi-frame DICOM file, say
+        items = expand_inputs([path], warn=lambda _: None)
+        if len(items) == 1 and isinstance(items[0][1], DicomSeries):
+            return items[0][0]  # as hagan-preprocess names it
+    return subject_id(path)

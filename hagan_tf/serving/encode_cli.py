@@ -46,8 +46,9 @@ def encode_transform(args) -> dict:
 
 def find_scans(inputs: list[str]) -> list[tuple[str, object]]:
     """(label, source) per scan in files, folders and globs, found as hagan-preprocess finds
-    them (NIfTI, NRRD, MetaImage, DICOM series by SeriesInstanceUID). The label is the path; a
-    folder holding several series labels each `FOLDER:SUBJECT_ID`."""
+    them (NIfTI, NRRD, MetaImage, DICOM series by SeriesInstanceUID, multi-frame DICOM files).
+    The label is the path (a series: its folder; a multi-frame file: the file); a folder holding
+    several series labels each `FOLDER:SUBJECT_ID`."""
     from ..preprocess import expand_inputs
 
     items = expand_inputs(inputs)
@@ -74,8 +75,9 @@ def encode_main(argv=None) -> int:
                     "with a served HA-GAN: one CSV row (scan, z0..z{latent-1}) per scan. A scan "
                     "that cannot be read is reported and skipped; the others are still written.")
     add_connection_args(p)
-    p.add_argument("scans", nargs="+", help="scans: NIfTI, NRRD or MetaImage files, folders "
-                   "(searched recursively; DICOM series found by SeriesInstanceUID) or globs")
+    p.add_argument("scans", nargs="+", help="scans: NIfTI, NRRD, MetaImage or multi-frame DICOM "
+                   "files, folders (searched recursively; DICOM series found by "
+                   "SeriesInstanceUID, multi-frame DICOM files by content) or globs")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--like", metavar="DATA_DIR",
                    help="the training data's directory: take the transform settings (modality, "
