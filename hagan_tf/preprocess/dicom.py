@@ -3,7 +3,10 @@ read. pydicom reads the headers (fast, tag by tag, with a precise error per file
 group, sort and check the slices; SimpleITK (GDCM) decodes the pixels, every transfer syntax
 included, and applies RescaleSlope/RescaleIntercept (stored values -> HU for CT). `readers`
 says how a series gets its subject id. A multi-frame file found here is a scan of its own,
-read by `multiframe`, which shares the stack's geometry checks below.
+read by `multiframe`, which shares the stack's geometry checks below. A series of single-frame
+enhanced files (Enhanced CT/MR, NumberOfFrames 1, one file per slice) is a series like any
+other, each slice's geometry and rescale read from its functional groups (`functional_groups`)
+and its stored values decoded by pydicom, as a multi-frame file's frames are.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from .functional_groups import (GROUP_TAGS, decode_frames, frame_geometry, has_groups,
+                                read_dataset, rescaled_frame, tilt)
 from .itk import _canonical, _itk_reason
 from .scans import MAX_VOXELS, ScanError, _one_line, subject_id
 
@@ -64,12 +69,12 @@ def _local_open(path: str):
     return open(path, "rb")
 
 
-def _read_header(path: str, opener: Callable = _local_open):
+def _read_header(path: str, opener: Callable = _local_open, tags=DICOM_TAGS):
     """The tags we use, read without the pixel data (a few kB of each file)."""
     import pydicom
 
     with opener(path) as f:
-        return pydicom.dcmread(f, stop_before_pixels=True, specific_tags=DICOM_TAGS)
+        return pydicom.dcmread(f, stop_before_pixels=True, specific_tags=tags)
 
 
 def _classify(path: str, opener: Callable) -> tuple[str, object]:
@@ -247,9 +252,37 @@ def _floats(ds, tag: str, n: int, name: str) -> np.ndarray:
     return out
 
 
+def _slice_plane(name: str, ds) -> tuple[np.ndarray, np.ndarray, np.ndarray, object]:
+    """A slice's ImageOrientationPatient [6], PixelSpacing [2], ImagePositionPatient [3] and
+    rescale: top-level tags (rescale None: GDCM applies it), or, for a single-frame enhanced
+    file, its functional groups ((slope, intercept), applied by the reader)."""
+    if not has_groups(ds):
+        return (_floats(ds, "ImageOrientationPatient", 6, name),
+                _floats(ds, "PixelSpacing", 2, name),
+                _floats(ds, "ImagePositionPatient", 3, name), None)
+    geometry, rescale = frame_geometry(ds, 1, slice_name=name)
+    return (geometry["orientation"][0], geometry["spacing"][0], geometry["position"][0],
+            tuple(float(v) for v in rescale[0]))
+
+
+def _enhanced_slice(path: str, name: str, rows: int, cols: int, rescale) -> np.ndarray:
+    """A single-frame enhanced file's pixels, [rows, cols] in HU (pydicom, as a multi-frame
+    file's frames; GDCM for the syntaxes pydicom cannot decode here)."""
+    try:
+        ds = read_dataset(path)
+        frames, rescaled = decode_frames(path, ds, 1, rows, cols, np.asarray([rescale]))
+    except ScanError as e:
+        raise ScanError(f"unreadable slice {name}: {e}") from None
+    except Exception as e:
+        raise ScanError(f"unreadable slice {name}: {_one_line(e)}") from None
+    return rescaled_frame(frames[0], *rescale, rescaled)
+
+
 def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
     """A DICOM series as float32 [D, H, W] in RAS+ (HU for CT), or ScanError saying what is wrong:
-    a missing or unreadable slice, irregular slice spacing, a gantry tilt, mixed slice shapes."""
+    a missing or unreadable slice, irregular slice spacing, a gantry tilt, mixed slice shapes.
+    Each slice's geometry and rescale come from its top-level tags or, in a single-frame
+    enhanced file, from its functional groups."""
     import SimpleITK as sitk
 
     files = list(series.files)
@@ -260,7 +293,7 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
     for path in files:
         name = _basename(path)
         try:
-            ds = _read_header(path)
+            ds = _read_header(path, tags=DICOM_TAGS + GROUP_TAGS)
         except Exception as e:
             raise ScanError(f"unreadable slice {name}: {_one_line(e)}") from None
         if str(ds.get("SeriesInstanceUID", "")).strip() != series.uid:
@@ -275,29 +308,31 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
         heads.append((name, ds))
     name0, ds0 = heads[0]
     rows, cols = int(ds0.get("Rows", 0) or 0), int(ds0.get("Columns", 0) or 0)
-    iop = _floats(ds0, "ImageOrientationPatient", 6, name0)
-    pixel = _floats(ds0, "PixelSpacing", 2, name0)  # [between rows, between columns]
+    planes = [_slice_plane(name, ds) for name, ds in heads]
+    iop, pixel = planes[0][:2]  # PixelSpacing: [between rows, between columns]
     _, _, normal = plane_axes(iop, pixel)
-    positions = []
-    for name, ds in heads:
+    positions, rescales = [], []
+    for (name, ds), (orientation, spacing, position, rescale) in zip(heads, planes):
         if (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) != (rows, cols):
             raise ScanError(f"slices of different sizes: {name} is {ds.get('Rows')}x"
                             f"{ds.get('Columns')}, {name0} {rows}x{cols}")
-        if (np.abs(_floats(ds, "ImageOrientationPatient", 6, name) - iop).max()
-                > ORIENTATION_TOLERANCE):
+        if np.abs(orientation - iop).max() > ORIENTATION_TOLERANCE:
             raise ScanError(f"slices of different orientations ({name} and {name0})")
-        if np.abs(_floats(ds, "PixelSpacing", 2, name) - pixel).max() > 1e-4 * max(pixel):
+        if np.abs(spacing - pixel).max() > 1e-4 * max(pixel):
             raise ScanError(f"slices of different pixel spacings ({name} and {name0})")
-        positions.append(_floats(ds, "ImagePositionPatient", 3, name))
+        positions.append(position)
+        rescales.append(rescale)
     n = len(heads)
     if int(np.prod([rows, cols, n], dtype=np.int64)) > MAX_VOXELS:
         raise ScanError(f"series of {n} slices of {rows}x{cols} exceeds the {MAX_VOXELS}-voxel "
                         "limit")
-    tag = ds0.get("GantryDetectorTilt")
-    order, ipp, step = stack_positions(positions, normal, tag)
+    order, ipp, step = stack_positions(positions, normal, tilt(ds0))
     volume = np.empty((n, rows, cols), np.float32)
     for k, i in enumerate(order):
         path, name = files[i], heads[i][0]
+        if rescales[i] is not None:  # a single-frame enhanced file
+            volume[k] = _enhanced_slice(path, name, rows, cols, rescales[i])
+            continue
         try:  # GDCM applies RescaleSlope/RescaleIntercept: HU for CT
             img = sitk.ReadImage(path, imageIO="GDCMImageIO")
             arr = sitk.GetArrayViewFromImage(img)
@@ -312,4 +347,8 @@ def load_dicom_series(series: DicomSeries) -> tuple[np.ndarray, dict]:
     extra = {"series_uid": series.uid, "slices": n}
     if ds0.get("Modality"):
         extra["dicom_modality"] = str(ds0.Modality)
+    if any(r is not None for r in rescales) and ds0.get("SOPClassUID"):
+        from pydicom.uid import UID
+
+        extra["dicom_sop_class"] = UID(str(ds0.SOPClassUID)).name
     return _canonical(volume.transpose(2, 1, 0), affine, extra)

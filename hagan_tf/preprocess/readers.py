@@ -8,10 +8,12 @@
 - Multi-frame DICOM (Enhanced CT and the other enhanced classes: every slice in one file):
   pydicom reads the functional groups and the pixels; the frames are sorted and checked as a
   series' slices are, each with its own rescale (`multiframe`).
+- A series of single-frame enhanced files (Enhanced CT/MR, one file per slice): a DICOM series,
+  each slice's geometry and rescale read from its functional groups (`functional_groups`).
 
 This module lists the inputs and holds the one loader; the formats' own code is in `nifti`,
-`itk` (NRRD, MetaImage, and the LPS -> RAS+ step), `dicom` (finding DICOM scans, series) and
-`multiframe` (multi-frame files).
+`itk` (NRRD, MetaImage, and the LPS -> RAS+ step), `dicom` (finding DICOM scans, series),
+`multiframe` (multi-frame files) and `functional_groups` (what enhanced files keep there).
 
 SimpleITK and DICOM describe space in LPS (x to the patient's left, y posterior, z superior);
 NIfTI in RAS. Both are converted by flipping x and y of the voxel-to-world affine and then taking
