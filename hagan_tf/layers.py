@@ -267,6 +267,28 @@ class MinibatchStd(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class IntensityWindow(layers.Layer):
+    """Appends one channel: the input through the window [low, high], stretched to [-1, 1].
+    Dark tissues 0.17 apart in the CT window (lung, air) are ~5x further apart in it, so D
+    tells their levels apart as easily as it tells tissue from air (config.d_window)."""
+
+    def __init__(self, low, high, **kwargs):
+        super().__init__(**kwargs)
+        self.low, self.high = float(low), float(high)
+
+    def call(self, x):
+        scale = 2.0 / (self.high - self.low)
+        window = ops.clip((x - self.low) * scale - 1.0, -1.0, 1.0)
+        return ops.concatenate([x, ops.cast(window, x.dtype)], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (input_shape[-1] + 1,)
+
+    def get_config(self):
+        return {**super().get_config(), "low": self.low, "high": self.high}
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
 class SNConvLeaky(layers.Layer):
     """Spectrally normalised Conv3D followed by LeakyReLU(0.2): the discriminator's unit."""
 

@@ -20,9 +20,10 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from .config import HAGANConfig
+from .config import HAGANConfig, parse_window
 from .dtypes import at_least_float32
-from .layers import SERIAL_PACKAGE, BlockDense, ConvBlock, MinibatchStd, SNConvLeaky, SNDense
+from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, IntensityWindow, MinibatchStd,
+                     SNConvLeaky, SNDense)
 from .lean_ops import depth_slab, leaky_relu
 
 # G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
@@ -60,6 +61,12 @@ def _stride2_channels(n: int, last: int) -> list[int]:
 def _minibatch_std(cfg: HAGANConfig) -> list:
     """The layer D^H and D^L put before their last convolution when config.minibatch_std."""
     return [MinibatchStd(name="minibatch_std")] if cfg.minibatch_std else []
+
+
+def _window(cfg: HAGANConfig) -> list:
+    """The layer D^H and D^L put first when config.d_window is set."""
+    window = parse_window(cfg.d_window)
+    return [IntensityWindow(*window, name="window")] if window else []
 
 
 def _log2(x: int) -> int:
@@ -202,7 +209,8 @@ class HighResDiscriminator(_Network):
             SNConvLeaky(ch(128), (1, 4, 4), 1, padding="valid", name="conv_d"),
         ]
         self.convs = keras.Sequential(
-            [keras.Input((cfg.slab_depth, cfg.size, cfg.size, 1))] + convs + [layers.Flatten()],
+            [keras.Input((cfg.slab_depth, cfg.size, cfg.size, 1))] + _window(cfg) + convs
+            + [layers.Flatten()],
             name="convs")
         self.fc1 = SNDense(ch(64), name="fc1")
         self.fc1.build((None, ch(128) + 1))
@@ -238,7 +246,8 @@ class LowResDiscriminator(_Network):
         convs.append(SNConvLeaky(1 + cfg.num_classes, 4, 1, padding="valid", activate=False,
                                  name="conv_out"))
         self.convs = keras.Sequential(
-            [keras.Input((cfg.a_size, cfg.a_size, cfg.a_size, 1))] + convs + [layers.Flatten()],
+            [keras.Input((cfg.a_size, cfg.a_size, cfg.a_size, 1))] + _window(cfg) + convs
+            + [layers.Flatten()],
             name="convs")
         self.built = True
 

@@ -213,6 +213,28 @@ def test_d_steps_runs_k_d_updates_on_their_own_batches_then_one_g_update():
         tiny(d_steps=0)
 
 
+def test_d_window_adds_the_stretched_dark_range_as_a_second_channel():
+    """d_window "-1,-0.6": D^H and D^L see the volume and, beside it, [-1, -0.6] stretched to
+    [-1, 1], so air (-0.97) and lung (-0.8) are 0.85 apart instead of 0.17."""
+    from hagan_tf.layers import IntensityWindow
+
+    x = tf.constant([-1.0, -0.97, -0.8, -0.6, 0.3, 1.0])[None, :, None]
+    out = IntensityWindow(-1.0, -0.6)(x).numpy()[0]
+    np.testing.assert_allclose(out[:, 0], x.numpy()[0, :, 0])
+    np.testing.assert_allclose(out[:, 1], [-1.0, -0.85, 0.0, 1.0, 1.0, 1.0], atol=1e-6)
+    gan = HAGAN(tiny(d_window="-1,-0.6", minibatch_std=True))
+    for net in (gan.discriminator.high_res, gan.discriminator.low_res):
+        first = [l for l in net.convs.layers if hasattr(l, "conv")][0]
+        assert first.conv.kernel.shape[-2] == 2  # the volume and its window
+    gan.compile()
+    logs = gan.train_on_batch({"volume": _batch()}, return_dict=True)
+    assert all(np.isfinite(v) for v in logs.values())
+    assert HAGAN(tiny()).discriminator.high_res.convs.layers[0].conv.kernel.shape[-2] == 1
+    for bad in ("-0.6,-1", "1", "a,b"):
+        with pytest.raises(ValueError, match="d_window"):
+            tiny(d_window=bad)
+
+
 # -- collapse detection ---------------------------------------------------------------------
 
 class _Stub(keras.Model):
