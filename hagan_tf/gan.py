@@ -229,13 +229,16 @@ class HAGAN(ConfigAlias, _Training, keras.Model):
     def call(self, z, labels=None, training=False):
         return self.generator(z, labels=labels, training=training)
 
-    def generate(self, z, labels=None, tile_depth: int | None = None):
+    def generate(self, z, labels=None, tile_depth: int | None = None, out=None):
         """Full-resolution volumes [B, S, S, S, 1] for latent codes z [B, latent] (and class
         labels [B]): a NumPy array eagerly, decoded `tile_depth` slices at a time (default the
-        config's) so that memory stays bounded (see Generator.volume); a tensor when traced."""
+        config's) so that memory stays bounded (see Generator.volume); a tensor when traced.
+        Eagerly, `out` (e.g. hagan_tf.io.NiftiVolumes) takes each slab as it is decoded,
+        `out[:, c:e] = rows`, and is returned: the volumes then go to files, never whole in
+        memory (512 MiB each at 512^3)."""
         if tf.executing_eagerly():  # a traced caller's labels are symbolic: nothing to look at
             labels = checked_labels(labels, self.config.num_classes, len(z))
-        return self.generator.volume(z, labels=labels, tile_depth=tile_depth)
+        return self.generator.volume(z, labels=labels, tile_depth=tile_depth, out=out)
 
     def encode(self, volume):
         """Latent codes [B, latent] of preprocessed volumes [B, S, S, S, 1] in [-1, 1]."""

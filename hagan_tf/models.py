@@ -163,28 +163,37 @@ class Generator(_Network):
         slab = self.decode(self.feature_slab(a, crop), training=training)
         return slab, self.low_res_head(a, training=training)
 
-    def volume(self, z, labels=None, tile_depth: int | None = None):
+    def volume(self, z, labels=None, tile_depth: int | None = None, out=None):
         """Full volumes [B, S, S, S, 1], equal to `self(z)`, decoded `tile_depth` slices at a
         time below G^A's second-to-last block (hagan_tf.tiled): memory then stays bounded at
         512^3. A NumPy array eagerly, a tensor inside a tf.function. tile_depth: default the
         config's, whose own default (None) is `tiled.auto_tile_depth(S)`, 32 * (256 / S)^2
-        slices; 0 or >= S decodes the whole volume at once."""
+        slices; 0 or >= S decodes the whole volume at once. Eagerly, `out` (see tiled.decode:
+        an array-like taking `out[:, c:e] = rows`, e.g. io.NiftiVolumes) receives the slabs as
+        they are decoded, so the volume need never be whole in memory; it is returned."""
         from . import tiled
 
         depth = self.config.tile_depth if tile_depth is None else int(tile_depth)
         if depth is None:
             depth = tiled.auto_tile_depth(self.config.size)
+        if out is not None and not tf.executing_eagerly():
+            raise ValueError("a traced volume() returns its output: out must be None")
         if depth <= 0 or depth >= self.config.size:
-            out = self(z, labels=labels)
-            return out.numpy() if tf.executing_eagerly() else out
+            whole = self(z, labels=labels)
+            if not tf.executing_eagerly():
+                return whole
+            if out is None:
+                return whole.numpy()
+            out[:, 0:self.config.size] = whole.numpy()
+            return out
         x = self.latent_input(z, labels)
         for layer in self.common.layers[:-2]:
             x = layer(x)
         # G^A's last two blocks and G^H hold most of the work: G^A's second-to-last map is made
-        # slab by slab, then the rest decodes from it
+        # slab by slab, then the rest decodes from it (eagerly the map stays the NumPy array it
+        # was written into: a tensor copy of it would be 128 MiB more at 512^3)
         x = tiled.decode(self.common.layers[-2:-1], x, depth)
-        x = tf.convert_to_tensor(x)  # one copy of it kept, not two
-        return tiled.decode(self.common.layers[-1:] + self.high_res_head.layers, x, depth)
+        return tiled.decode(self.common.layers[-1:] + self.high_res_head.layers, x, depth, out)
 
     def preview(self, z, labels=None):
         """X^L = G^L(G^A(z)), the fast low-resolution volume."""

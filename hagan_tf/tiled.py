@@ -151,7 +151,8 @@ class Chain:
     def stream(self, x, top: int, rows: int, stats, emit, acc, raw: bool = False):
         """One pass through blocks 0..top; emit(acc, y, t, c, e) takes step t's new rows [c, e)
         of block top's output (before its normalisation where `raw`) and returns the new acc."""
-        plan, depths, batch = self.plan(top, rows), self.depths, tf.shape(x)[0]
+        plan, depths = self.plan(top, rows), self.depths
+        batch = x.shape[0] if x.shape[0] is not None else tf.shape(x)[0]  # static where known
         for i in range(top + 1):  # derived once, outside the loop
             if self.blocks[i].upsample:
                 self.parity_kernels(i)
@@ -261,12 +262,15 @@ def _loop(n: int, body, state):
 
 
 def decode(blocks, x, tile_depth: int, out=None):
-    """The blocks' output for held input x [B, D, H, W, C], computed `tile_depth` output slices
-    at a time. Eagerly, each step's rows go into `out` as they arrive (`out[:, c:e] = rows`, c
+    """The blocks' output for held input x [B, D, H, W, C] (a tensor, or eagerly a NumPy array,
+    kept as it is), computed `tile_depth` output slices at a time. Eagerly, each step's rows go into `out` as they arrive (`out[:, c:e] = rows`, c
     increasing): a new NumPy array if None, else any array-like taking that assignment, e.g.
     io.NiftiVolumes, which writes them to files so that the output is never whole in memory;
     `out` is returned. Inside a tf.function a tensor (`out` must be None)."""
-    x = tf.cast(x, tf.float32)
+    if tf.executing_eagerly() and isinstance(x, np.ndarray):
+        x = np.asarray(x, np.float32)  # sliced step by step: no whole copy as a tensor
+    else:
+        x = tf.cast(x, tf.float32)
     chain = Chain(blocks, x.shape[1])
     rows = chain.step_rows(tile_depth)
     stats = chain.statistics(x, rows)

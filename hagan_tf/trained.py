@@ -41,9 +41,11 @@ class RunModel:
         labels = _labels(self.config.num_classes, n, labels)
         return None if labels is None else tf.constant(labels)
 
-    def generate(self, z, labels=None) -> np.ndarray:
+    def generate(self, z, labels=None, out=None) -> np.ndarray:
+        """Volumes for z, or (with `out`, e.g. io.NiftiVolumes) written into `out` slab by slab
+        as HAGAN.generate decodes them, and `out` returned."""
         z = np.asarray(z, np.float32)
-        return self.model.generate(z, self._labels(len(z), labels))
+        return self.model.generate(z, self._labels(len(z), labels), out=out)
 
     def preview(self, z, labels=None) -> np.ndarray:
         z = np.asarray(z, np.float32)

@@ -92,9 +92,16 @@ class Client:
 
 # ---------------------------------------------------------------- shared by the CLIs
 
-def add_connection_args(p: argparse.ArgumentParser):
-    p.add_argument("--server", required=True, help="HOST:PORT of hagan-serve or TF Serving "
-                                                   "(gRPC port, or the REST port with --rest)")
+def add_connection_args(p: argparse.ArgumentParser, run: bool = False):
+    """The server's address and the request options; with `run`, --run RUN_DIR and --step as
+    the alternative to --server (the model run in this process)."""
+    where = p.add_mutually_exclusive_group(required=True) if run else p
+    where.add_argument("--server", required=not run, help="HOST:PORT of hagan-serve or TF Serving "
+                                                          "(gRPC port, or the REST port with --rest)")
+    if run:
+        where.add_argument("--run", metavar="RUN_DIR", help="no server: the checkpoint of this "
+                           "run directory (hagan-train's), run in this process")
+        p.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
     p.add_argument("--rest", action="store_true", help="use the REST API instead of gRPC")
     p.add_argument("--model", default=DEFAULT_MODEL_NAME, help="model name (default: %(default)s)")
     p.add_argument("--version", type=int, default=None, help="model version (default: newest)")
