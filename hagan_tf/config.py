@@ -48,9 +48,10 @@ class HAGANConfig:
     lambda_hist: float = 0.0  # G also matches the real batch's voxel intensities (1-D W1; 0: off)
     d_steps: int = 1  # D updates per iteration (WGAN's n_critic), each on its own batch of
     # batch_size real scans; G, E^H and E^G then update once, on the last of them (1: the paper)
-    d_window: str = ""  # "LOW,HIGH" in volume units: D^H and D^L also see the input through
-    # this window, stretched to [-1, 1], as a second channel ("-1,-0.6" = -1024..-699 HU under
-    # hagan-preprocess's default window: lung against air 5x magnified; "": off)
+    d_window: str = ""  # "LOW,HIGH[;LOW,HIGH...]" in volume units: D^H and D^L also see the
+    # input through each window, stretched to [-1, 1], as one more channel each ("-1,-0.6" =
+    # -1024..-699 HU under hagan-preprocess's default window: lung against air 5x magnified;
+    # "": off)
     minibatch_std: bool = False  # D^H and D^L also see the batch's feature spread (ProGAN)
     g_output: str = "tanh"  # G's image outputs: "tanh" (the paper) or "tanh_st", the same values
     # with the gradient passed straight through in training: a saturated tanh passes none, and
@@ -107,7 +108,7 @@ class HAGANConfig:
                self.collapse_threshold) < 0:
             raise ValueError("r1_gamma, lambda_recon, lambda_ms, lambda_hist, diversity_every and "
                              "collapse_threshold must be >= 0")
-        parse_window(self.d_window)
+        parse_windows(self.d_window)
         from .diffaugment import parse_ops
 
         parse_ops(self.augment)
@@ -197,17 +198,18 @@ def _open(path, mode: str):
     return tf.io.gfile.GFile(str(path), mode)
 
 
-def parse_window(text: str) -> tuple[float, float] | None:
-    """config.d_window "LOW,HIGH" -> (low, high); "" -> None."""
-    if not text.strip():
-        return None
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ValueError(f"d_window must be 'LOW,HIGH' (two numbers), got {text!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ValueError(f"d_window must have finite LOW < HIGH, got {text!r}")
-    return low, high
+def parse_windows(text: str) -> list[tuple[float, float]]:
+    """config.d_window "LOW,HIGH[;LOW,HIGH...]" -> [(low, high), ...]; "" -> []."""
+    windows = []
+    for part in text.split(";") if text.strip() else []:
+        try:
+            low, high = (float(v) for v in part.split(","))
+        except ValueError:
+            raise ValueError(f"d_window must be 'LOW,HIGH' pairs separated by ';', got {text!r}") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"d_window must have finite LOW < HIGH in each window, got {text!r}")
+        windows.append((low, high))
+    return windows
 
 
 def _coerce(name: str, annotation: str, value: Any) -> Any:

@@ -268,9 +268,10 @@ class MinibatchStd(layers.Layer):
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
 class IntensityWindow(layers.Layer):
-    """Appends one channel: the input through the window [low, high], stretched to [-1, 1].
-    Dark tissues 0.17 apart in the CT window (lung, air) are ~5x further apart in it, so D
-    tells their levels apart as easily as it tells tissue from air (config.d_window)."""
+    """Appends one channel: the volume (channel 0) through the window [low, high], stretched
+    to [-1, 1]. Dark tissues 0.17 apart in the CT window (lung, air) are ~5x further apart in
+    it, so D tells their levels apart as easily as it tells tissue from air (config.d_window;
+    several windows are several of these layers, each reading channel 0)."""
 
     def __init__(self, low, high, **kwargs):
         super().__init__(**kwargs)
@@ -278,7 +279,7 @@ class IntensityWindow(layers.Layer):
 
     def call(self, x):
         scale = 2.0 / (self.high - self.low)
-        window = ops.clip((x - self.low) * scale - 1.0, -1.0, 1.0)
+        window = ops.clip((x[..., :1] - self.low) * scale - 1.0, -1.0, 1.0)
         return ops.concatenate([x, ops.cast(window, x.dtype)], axis=-1)
 
     def compute_output_shape(self, input_shape):

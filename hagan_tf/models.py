@@ -20,7 +20,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from .config import HAGANConfig, parse_window
+from .config import HAGANConfig, parse_windows
 from .dtypes import at_least_float32
 from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, IntensityWindow, MinibatchStd,
                      SNConvLeaky, SNDense)
@@ -64,9 +64,9 @@ def _minibatch_std(cfg: HAGANConfig) -> list:
 
 
 def _window(cfg: HAGANConfig) -> list:
-    """The layer D^H and D^L put first when config.d_window is set."""
-    window = parse_window(cfg.d_window)
-    return [IntensityWindow(*window, name="window")] if window else []
+    """The layers D^H and D^L put first when config.d_window is set: a channel per window."""
+    return [IntensityWindow(low, high, name="window" if i == 0 else f"window_{i}")
+            for i, (low, high) in enumerate(parse_windows(cfg.d_window))]
 
 
 def _log2(x: int) -> int:

@@ -230,7 +230,16 @@ def test_d_window_adds_the_stretched_dark_range_as_a_second_channel():
     logs = gan.train_on_batch({"volume": _batch()}, return_dict=True)
     assert all(np.isfinite(v) for v in logs.values())
     assert HAGAN(tiny()).discriminator.high_res.convs.layers[0].conv.kernel.shape[-2] == 1
-    for bad in ("-0.6,-1", "1", "a,b"):
+    # several windows: one channel each, every one from the volume itself
+    two = HAGAN(tiny(d_window="-1,-0.6;0.1,0.9")).discriminator.high_res
+    windows = [l for l in two.convs.layers if isinstance(l, IntensityWindow)]
+    assert [(w.low, w.high) for w in windows] == [(-1.0, -0.6), (0.1, 0.9)]
+    out = x
+    for w in windows:
+        out = w(out)
+    np.testing.assert_allclose(out.numpy()[0, :, 2], [-1, -1, -1, -1, -0.5, 1], atol=1e-6)
+    assert [l for l in two.convs.layers if hasattr(l, "conv")][0].conv.kernel.shape[-2] == 3
+    for bad in ("-0.6,-1", "1", "a,b", "-1,-0.6;", "-1,-0.6;1,0"):
         with pytest.raises(ValueError, match="d_window"):
             tiny(d_window=bad)
 
