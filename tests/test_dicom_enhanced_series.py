@@ -7,30 +7,23 @@ reader, from the same asymmetric phantom as the series tests; files get random n
 written in shuffled order, int16 with a rescale intercept that differs from file to file.
 """
 
-import json
 import os
 import random
 import uuid
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (EnhancedCTImageStorage, EnhancedMRImageStorage, ExplicitVRLittleEndian,
-                         generate_uid)
-from test_readers import MARKERS, SHAPE, SPACING, phantom, write_dicom_series, write_nifti
+from pydicom.uid import EnhancedCTImageStorage, EnhancedMRImageStorage, generate_uid
+from test_dicom_multiframe import _item, drop_group, geometry_cases
+from test_readers import (SHAPE, SPACING, assert_markers_land, dicom_dataset,
+                          lps_layout, phantom, preprocess_like_nifti, write_dicom_series,
+                          write_nifti)
 
 from hagan_tf.data.synthetic import phantom_hu
 from hagan_tf.preprocess import DicomSeries, ScanError, expand_inputs, load_volume, preprocess_file
 
 S = 32
-
-
-def _item(**values) -> Dataset:
-    ds = Dataset()
-    for key, value in values.items():
-        setattr(ds, key, value)
-    return ds
 
 
 def intercept_of(k: int) -> float:
@@ -49,22 +42,11 @@ def write_enhanced_series(folder, vol, patient="PAT-ES", series_uid=None, shuffl
     os.makedirs(folder, exist_ok=True)
     series_uid = series_uid or generate_uid()
     sd, sh, sw = SPACING
-    d, h, w = vol.shape
-    lps = vol[:, ::-1, ::-1]  # pixel (row j, column i) of slice k is RAS voxel (k, h-1-j, w-1-i)
-    x0, y0 = -(w - 1) * sw + 12.5, -(h - 1) * sh - 30.0
-    order = list(range(d))
-    random.Random(shuffle_seed).shuffle(order)
+    h, w = vol.shape[1:]
+    lps, x0, y0, order = lps_layout(vol, shuffle_seed)
     paths = {}
     for k in order:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID = modality, patient
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.1", series_uid
+        ds = dicom_dataset(sop_class, series_uid, patient, modality)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
         ds.InstanceNumber = k + 1
         ds.Rows, ds.Columns, ds.NumberOfFrames = h, w, 1
@@ -133,12 +115,7 @@ def test_records_match_the_nifti_route_and_the_markers_land_where_it_puts_them(e
     out, meta = preprocess_file(str(enhanced["root"] / "ct"), S)
     assert np.abs(out - ref).max() <= 2e-3
     assert meta["subject_id"] == "ct"  # its folder's, as for a classic series
-    unit = {k: (min(v, 600.0) + 1024) / 1624 * 2 - 1 for k, v in MARKERS.items()}
-    c = S // 2
-    where = {"superior": out[-1, c, c], "inferior": out[0, c, c], "anterior": out[c, -1, c],
-             "posterior": out[c, 0, c], "right": out[c, c, -1], "left": out[c, c, 0]}
-    for side, value in where.items():
-        assert abs(value - unit[side]) < 0.02, (side, value, unit[side])
+    assert_markers_land(out, "ct")
 
 
 def _small(tmp_path, name, positions=None, d=6):
@@ -148,26 +125,9 @@ def _small(tmp_path, name, positions=None, d=6):
     return scan, paths
 
 
-def _drop(path, sequence):
-    import pydicom
-
-    ds = pydicom.dcmread(path)
-    for group in (ds.PerFrameFunctionalGroupsSequence[0], ds.SharedFunctionalGroupsSequence[0]):
-        if sequence in group:
-            delattr(group, sequence)
-    ds.save_as(path)
-
-
 def test_enhanced_series_problems_are_scan_errors_with_their_reason(tmp_path):
-    sd = SPACING[0]
-    z = np.arange(6) * sd
-    cases = {
-        "gap": ([[0.0, 0.0, v] for v in np.r_[z[:3], z[3:] + sd]], r"1 slice\(s\) missing"),
-        "uneven": ([[0.0, 0.0, v] for v in z * np.r_[1, 1, 1, 1.2, 1.2, 1.2]],
-                   "irregular slice spacing"),
-        "tilt": ([[0.0, v * np.tan(np.radians(15)), v] for v in z], "gantry tilt"),
-        "same": ([[0.0, 0.0, v] for v in np.r_[z[:3], z[2:5]]], "slices share a position"),
-    }
+    z = np.arange(6) * SPACING[0]
+    cases = geometry_cases("slice")
     for name, (positions, words) in cases.items():
         scan, _ = _small(tmp_path, name, positions)
         with pytest.raises(ScanError, match=words):
@@ -179,7 +139,7 @@ def test_enhanced_series_problems_are_scan_errors_with_their_reason(tmp_path):
     with pytest.raises(ScanError, match=r"1 slice\(s\) missing"):
         load_volume(short)
     scan, paths = _small(tmp_path, "noposition")
-    _drop(paths[4], "PlanePositionSequence")
+    drop_group(paths[4], "PlanePositionSequence")
     name = os.path.basename(paths[4])
     with pytest.raises(ScanError, match=f"missing functional groups: slice {name} has no "
                                         "PlanePositionSequence > ImagePositionPatient"):
@@ -200,11 +160,6 @@ def test_hagan_preprocess_reads_enhanced_series_beside_classic_ones_and_a_trunca
     """Two enhanced series in one folder, one alone in its folder, a classic series, and an
     enhanced series with one truncated slice: one dead letter, the rest equal to the NIfTI
     route, with the subject ids of the classic series rule."""
-    from test_preprocess_pipeline import _records
-
-    from hagan_tf.data.records import read_manifest
-    from hagan_tf.preprocess.beam import main
-
     scans, refs = tmp_path / "scans", tmp_path / "refs"
     refs.mkdir()
     vols = {name: phantom(seed) for seed, name in enumerate(["a", "b", "solo", "classic"])}
@@ -216,21 +171,11 @@ def test_hagan_preprocess_reads_enhanced_series_beside_classic_ones_and_a_trunca
     raw = open(broken[17], "rb").read()
     open(broken[17], "wb").write(raw[: len(raw) - 500])  # a copy cut short, inside the pixels
 
-    out = tmp_path / "out"
-    assert main(["--input", str(scans), "--output", str(out), "--size", str(S),
-                 "--shards", "2"]) == 0
-    assert "scans in: 5, written: 4, failed: 1" in capsys.readouterr().out
     ids = {"a": f"PAT_A_{uid_a}", "b": f"PAT_B_{uid_b}", "solo": "solo", "classic": "classic"}
-    records = {r["subject_id"].decode(): r["volume"][..., 0] for _, r in _records(str(out))}
-    assert sorted(records) == sorted(ids.values())
-    for name, sid in ids.items():
-        expected, _ = preprocess_file(write_nifti(refs / f"{name}.nii.gz", vols[name]), S)
-        assert np.abs(records[sid] - expected).max() <= 2e-3, name
-    rows = {r["subject_id"]: r for r in read_manifest(str(out))}
+    rows, dead = preprocess_like_nifti(scans, tmp_path / "out", refs, vols, ids, capsys, failed=1)
     assert rows[ids["a"]]["series_uid"] == uid_a and rows[ids["a"]]["slices"] == SHAPE[0]
     assert rows[ids["a"]]["source"] == str(scans / "two" / "mixed")
     assert rows[ids["a"]]["dicom_sop_class"] == "Enhanced CT Image Storage"
-    dead = [json.loads(line) for line in open(out / "dead_letter.jsonl")]
     assert len(dead) == 1 and dead[0]["source"] == str(scans / "pat5" / "broken")
     assert dead[0]["subject_id"] == "broken"
     assert f"unreadable slice {os.path.basename(broken[17])}" in dead[0]["reason"]

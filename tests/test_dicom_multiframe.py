@@ -6,18 +6,18 @@ the reader, from the same asymmetric phantom as the series tests; frames are sto
 order, int16 with a rescale intercept, shared or one per frame.
 """
 
-import json
 import os
-import random
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import (EnhancedCTImageStorage, ExplicitVRLittleEndian,
-                         LegacyConvertedEnhancedCTImageStorage, RLELossless, generate_uid)
-from test_readers import MARKERS, SHAPE, SPACING, phantom, write_dicom_series, write_nifti
+from pydicom.uid import (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage,
+                         RLELossless, generate_uid)
+from test_readers import (SHAPE, SPACING, assert_markers_land, dicom_dataset,
+                          lps_layout, phantom, preprocess_like_nifti, write_dicom_series,
+                          write_nifti)
 
 from hagan_tf.data.synthetic import phantom_hu
 from hagan_tf.preprocess import DicomSeries, ScanError, expand_inputs, load_volume, preprocess_file
@@ -44,19 +44,8 @@ def write_enhanced_ct(path, vol, patient="PAT-MF", series_uid=None, shuffle_seed
     series_uid = series_uid or generate_uid()
     sd, sh, sw = SPACING
     d, h, w = vol.shape
-    lps = vol[:, ::-1, ::-1]  # pixel (row j, column i) of slice k is RAS voxel (k, h-1-j, w-1-i)
-    x0, y0 = -(w - 1) * sw + 12.5, -(h - 1) * sh - 30.0
-    order = list(range(d))
-    random.Random(shuffle_seed).shuffle(order)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CT", patient
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.1", series_uid
+    lps, x0, y0, order = lps_layout(vol, shuffle_seed)
+    ds = dicom_dataset(sop_class, series_uid, patient)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
     ds.InstanceNumber = 1
     ds.Rows, ds.Columns, ds.NumberOfFrames = h, w, d
@@ -133,12 +122,7 @@ def test_records_match_the_nifti_route_and_the_markers_land_where_it_puts_them(e
     out, meta = preprocess_file(enhanced[kind], S)
     assert np.abs(out - ref).max() <= 2e-3
     assert meta["subject_id"] == kind  # as expand_inputs names it: its folder's
-    unit = {k: (min(v, 600.0) + 1024) / 1624 * 2 - 1 for k, v in MARKERS.items()}
-    c = S // 2
-    where = {"superior": out[-1, c, c], "inferior": out[0, c, c], "anterior": out[c, -1, c],
-             "posterior": out[c, 0, c], "right": out[c, c, -1], "left": out[c, c, 0]}
-    for side, value in where.items():
-        assert abs(value - unit[side]) < 0.02, (kind, side, value, unit[side])
+    assert_markers_land(out, kind)
 
 
 def test_simpleitk_alone_keeps_the_stored_frame_order_and_one_rescale(enhanced, monkeypatch):
@@ -170,7 +154,8 @@ def _small(tmp_path, name, positions=None, d=6, **kw):
     return str(path)
 
 
-def _drop(path, frame, sequence):
+def drop_group(path, sequence, frame=0):
+    """Deletes a functional group sequence from frame `frame`'s and the shared groups."""
     import pydicom
 
     ds = pydicom.dcmread(path)
@@ -180,16 +165,23 @@ def _drop(path, frame, sequence):
     ds.save_as(path)
 
 
-def test_multiframe_problems_are_scan_errors_with_their_reason(tmp_path):
+def geometry_cases(unit: str) -> dict:
+    """Positions of 6 frames (or slices, `unit`) that make no volume, each with the words of
+    its error: one missing, irregular spacing, a gantry tilt, two at one position."""
     sd = SPACING[0]
     z = np.arange(6) * sd
-    cases = {
-        "gap": ([[0.0, 0.0, v] for v in np.r_[z[:3], z[3:] + sd]], r"1 frame\(s\) missing"),
+    return {
+        "gap": ([[0.0, 0.0, v] for v in np.r_[z[:3], z[3:] + sd]], rf"1 {unit}\(s\) missing"),
         "uneven": ([[0.0, 0.0, v] for v in z * np.r_[1, 1, 1, 1.2, 1.2, 1.2]],
-                   "irregular frame spacing"),
+                   f"irregular {unit} spacing"),
         "tilt": ([[0.0, v * np.tan(np.radians(15)), v] for v in z], "gantry tilt"),
-        "same": ([[0.0, 0.0, v] for v in np.r_[z[:3], z[2:5]]], "frames share a position"),
+        "same": ([[0.0, 0.0, v] for v in np.r_[z[:3], z[2:5]]], f"{unit}s share a position"),
     }
+
+
+def test_multiframe_problems_are_scan_errors_with_their_reason(tmp_path):
+    z = np.arange(6) * SPACING[0]
+    cases = geometry_cases("frame")
     for name, (positions, words) in cases.items():
         with pytest.raises(ScanError, match=words):
             load_volume(_small(tmp_path, name, positions))
@@ -197,11 +189,11 @@ def test_multiframe_problems_are_scan_errors_with_their_reason(tmp_path):
     with pytest.raises(ScanError, match="missing functional groups: a multi-frame file without"):
         load_volume(_small(tmp_path, "nogroups", groups=False))
     path = _small(tmp_path, "noposition")
-    _drop(path, 4, "PlanePositionSequence")
+    drop_group(path, "PlanePositionSequence", frame=4)
     with pytest.raises(ScanError, match="frame 5 has no PlanePositionSequence"):
         load_volume(path)
     path = _small(tmp_path, "nospacing")
-    _drop(path, 0, "PixelMeasuresSequence")
+    drop_group(path, "PixelMeasuresSequence")
     with pytest.raises(ScanError, match="frame 1 has no PixelMeasuresSequence > PixelSpacing"):
         load_volume(path)
     path = _small(tmp_path, "cut")
@@ -247,11 +239,6 @@ def test_hagan_preprocess_reads_multiframe_files_beside_series_and_one_truncated
         tmp_path, capsys):
     """A folder mixing a single-frame series and two Enhanced CT files, one elsewhere alone,
     and one truncated Enhanced CT file: one dead letter, the rest equal to the NIfTI route."""
-    from test_preprocess_pipeline import _records
-
-    from hagan_tf.data.records import read_manifest
-    from hagan_tf.preprocess.beam import main
-
     scans, refs = tmp_path / "scans", tmp_path / "refs"
     refs.mkdir()
     vols = {name: phantom(seed) for seed, name in enumerate(["series", "mf_a", "mf_b", "solo"])}
@@ -265,22 +252,12 @@ def test_hagan_preprocess_reads_multiframe_files_beside_series_and_one_truncated
     raw = cut.read_bytes()
     cut.write_bytes(raw[: len(raw) - 5000])  # a copy cut short, inside the pixels
 
-    out = tmp_path / "out"
-    assert main(["--input", str(scans), "--output", str(out), "--size", str(S),
-                 "--shards", "2"]) == 0
-    assert "scans in: 5, written: 4, failed: 1" in capsys.readouterr().out
     ids = {"series": f"PAT_S_{uid_s}", "mf_a": f"PAT_A_{uid_a}", "mf_b": f"PAT_B_{uid_b}",
            "solo": "solo"}
-    records = {r["subject_id"].decode(): r["volume"][..., 0] for _, r in _records(str(out))}
-    assert sorted(records) == sorted(ids.values())
-    for name, sid in ids.items():
-        expected, _ = preprocess_file(write_nifti(refs / f"{name}.nii.gz", vols[name]), S)
-        assert np.abs(records[sid] - expected).max() <= 2e-3, name
-    rows = {r["subject_id"]: r for r in read_manifest(str(out))}
+    rows, dead = preprocess_like_nifti(scans, tmp_path / "out", refs, vols, ids, capsys, failed=1)
     assert rows[ids["mf_b"]]["source"] == str(scans / "mixed" / "enh_b")
     assert rows[ids["mf_b"]]["series_uid"] == uid_b and rows[ids["mf_b"]]["slices"] == SHAPE[0]
     assert rows[ids["mf_a"]]["dicom_sop_class"] == "Enhanced CT Image Storage"
-    dead = [json.loads(line) for line in open(out / "dead_letter.jsonl")]
     assert len(dead) == 1 and dead[0]["source"] == str(cut) and dead[0]["subject_id"] == "cut"
     assert "truncated pixel data" in dead[0]["reason"]
 

@@ -51,6 +51,31 @@ def write_nifti(path, vol):
     return str(path)
 
 
+def lps_layout(vol, shuffle_seed):
+    """The phantom as DICOM stores it: pixel (row j, column i) of slice k is RAS voxel
+    (k, h-1-j, w-1-i) (+x L is -x R, +y P is -y A); the first pixel's x, y (any origin: the
+    position is not used); the slices in a shuffled order. Returns (lps, x0, y0, order)."""
+    sd, sh, sw = SPACING
+    d, h, w = vol.shape
+    order = list(range(d))
+    random.Random(shuffle_seed).shuffle(order)
+    return vol[:, ::-1, ::-1], -(w - 1) * sw + 12.5, -(h - 1) * sh - 30.0, order
+
+
+def dicom_dataset(sop_class, series_uid, patient, modality="CT") -> Dataset:
+    """A new instance of `sop_class` (explicit VR little endian) in the series and study."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID = modality, patient
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.1", series_uid
+    return ds
+
+
 def write_dicom_series(folder, vol, patient="PAT-1", series_uid=None, shuffle_seed=0,
                        positions=None):
     """A CT series by DICOM's own rules: ImageOrientationPatient 1,0,0,0,1,0 means columns run
@@ -60,23 +85,11 @@ def write_dicom_series(folder, vol, patient="PAT-1", series_uid=None, shuffle_se
     os.makedirs(folder, exist_ok=True)
     series_uid = series_uid or generate_uid()
     sd, sh, sw = SPACING
-    d, h, w = vol.shape
-    # pixel (row j, column i) of slice k is RAS voxel (k, h-1-j, w-1-i): +x L is -x R, +y P is -y A
-    lps = vol[:, ::-1, ::-1]
-    x0, y0 = -(w - 1) * sw + 12.5, -(h - 1) * sh - 30.0  # any origin: the position is not used
-    order = list(range(d))
-    random.Random(shuffle_seed).shuffle(order)
+    lps, x0, y0, order = lps_layout(vol, shuffle_seed)
+    h, w = vol.shape[1:]
     paths = {}
     for k in order:
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.PatientID = "CT", patient
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = "1.2.826.0.1.3680043.2.1125.1", series_uid
+        ds = dicom_dataset(CTImageStorage, series_uid, patient)
         ds.InstanceNumber = k + 1
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.ImagePositionPatient = (list(positions[k]) if positions is not None
@@ -161,12 +174,9 @@ def test_every_format_loads_to_the_nifti_volume(scans):
     assert load_volume(scans["mhd"])[1]["orientation"] == "SAR"
 
 
-@pytest.mark.parametrize("kind", ["nrrd", "mha", "mhd", "dicom"])
-def test_records_match_the_nifti_route_and_the_markers_land_where_it_puts_them(scans, kind):
-    ref, _ = preprocess_file(scans["nifti"], S)
-    out, meta = preprocess_file(scans[kind], S)
-    assert np.abs(out - ref).max() <= 2e-3
-    # Independently of the NIfTI route: in [D, H, W], D grows superior, H anterior, W right.
+def assert_markers_land(out, kind):
+    """Independently of the NIfTI route: in a preprocessed [D, H, W] volume, D grows superior,
+    H anterior, W right, so each face's marker is where the phantom put it."""
     unit = {k: (min(v, 600.0) + 1024) / 1624 * 2 - 1 for k, v in MARKERS.items()}
     c = S // 2
     where = {"superior": out[-1, c, c], "inferior": out[0, c, c], "anterior": out[c, -1, c],
@@ -175,13 +185,41 @@ def test_records_match_the_nifti_route_and_the_markers_land_where_it_puts_them(s
         assert abs(value - unit[side]) < 0.02, (kind, side, value, unit[side])
 
 
+@pytest.mark.parametrize("kind", ["nrrd", "mha", "mhd", "dicom"])
+def test_records_match_the_nifti_route_and_the_markers_land_where_it_puts_them(scans, kind):
+    ref, _ = preprocess_file(scans["nifti"], S)
+    out, meta = preprocess_file(scans[kind], S)
+    assert np.abs(out - ref).max() <= 2e-3
+    assert_markers_land(out, kind)
+
+
+def preprocess_like_nifti(scans, out, refs, vols, ids, capsys, failed):
+    """hagan-preprocess of the folder `scans` into `out` (size S, 2 shards): `failed` scans fail,
+    the records are exactly `ids` ({name: subject id}), and each equals the NIfTI route of
+    vols[name] (max |diff| <= 2e-3). Returns (manifest rows by subject id, dead letters)."""
+    from test_preprocess_pipeline import _records
+
+    from hagan_tf.data.records import read_manifest
+    from hagan_tf.preprocess.beam import main
+
+    assert main(["--input", str(scans), "--output", str(out), "--size", str(S),
+                 "--shards", "2"]) == 0
+    n = len(ids) + failed
+    assert f"scans in: {n}, written: {len(ids)}, failed: {failed}" in capsys.readouterr().out
+    records = {r["subject_id"].decode(): r["volume"][..., 0] for _, r in _records(str(out))}
+    assert sorted(records) == sorted(ids.values())
+    for name, sid in ids.items():
+        expected, _ = preprocess_file(write_nifti(refs / f"{name}.nii.gz", vols[name]), S)
+        assert np.abs(records[sid] - expected).max() <= 2e-3, name
+    rows = {r["subject_id"]: r for r in read_manifest(str(out))}
+    return rows, [json.loads(line) for line in open(out / "dead_letter.jsonl")]
+
+
 def test_hagan_preprocess_reads_every_format_and_keeps_good_scans_beside_a_truncated_slice(
         tmp_path, capsys):
     """Two series in one folder, one alone in its folder, NRRD, MHA, and a series with one
     truncated slice: one dead letter, everything else written and equal to the NIfTI route."""
-    from hagan_tf.data.records import read_manifest, shard_paths
-    from hagan_tf.preprocess.beam import main
-    from test_preprocess_pipeline import _records
+    from hagan_tf.data.records import shard_paths
 
     scans, refs = tmp_path / "scans", tmp_path / "refs"
     refs.mkdir()
@@ -197,20 +235,11 @@ def test_hagan_preprocess_reads_every_format_and_keeps_good_scans_beside_a_trunc
     (scans / "pat3" / "solo" / "README.txt").write_text("not a scan")  # ignored, not DICOM
 
     out = tmp_path / "out"
-    assert main(["--input", str(scans), "--output", str(out), "--size", str(S),
-                 "--shards", "2"]) == 0
-    assert "scans in: 6, written: 5, failed: 1" in capsys.readouterr().out
     ids = {"a": f"PAT_A_{uid_a}", "b": f"PAT_B_{uid_b}", "solo": "solo", "nrrd": "nrrd",
            "mha": "mha"}
-    records = {r["subject_id"].decode(): r["volume"][..., 0] for _, r in _records(str(out))}
-    assert sorted(records) == sorted(ids.values())
-    for name, sid in ids.items():
-        expected, _ = preprocess_file(write_nifti(refs / f"{name}.nii.gz", vols[name]), S)
-        assert np.abs(records[sid] - expected).max() <= 2e-3, name
-    rows = {r["subject_id"]: r for r in read_manifest(str(out))}
+    rows, dead = preprocess_like_nifti(scans, out, refs, vols, ids, capsys, failed=1)
     assert rows[ids["a"]]["series_uid"] == uid_a and rows[ids["a"]]["slices"] == SHAPE[0]
     assert rows[ids["a"]]["source"] == str(scans / "two" / "mixed")
-    dead = [json.loads(line) for line in open(out / "dead_letter.jsonl")]
     assert len(dead) == 1 and dead[0]["source"] == str(scans / "pat4" / "broken")
     assert dead[0]["subject_id"] == "broken"
     assert "unreadable slice" in dead[0]["reason"]
