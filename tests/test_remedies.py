@@ -207,8 +207,20 @@ def test_d_steps_runs_k_d_updates_on_their_own_batches_then_one_g_update():
     assert int(two.step) == 1 and int(two.d_optimizer.iterations) == 2
     assert int(two.g_optimizer.iterations) == int(two.eh_optimizer.iterations) == 1
     assert int(one.d_optimizer.iterations) == 2
+    # A conv bias feeding a GroupNorm with one channel to a group has a zero gradient in exact
+    # arithmetic, so Adam turns rounding noise (which differs between the two orders of work)
+    # into steps far below lr: those must only stay that small.
+    per_channel = {f"{b}/conv/bias" for b in ("common/block5", "low_res_head/block1",
+                                              "low_res_head/block2", "high_res_head/block1")}
+    noise = 0
     for a, b in zip(two.weights, one.weights):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+        if a.path in per_channel:
+            assert a.shape[-1] == two.config.g_norm_groups, a.path
+            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5, err_msg=a.path)
+            noise += 1
+        else:
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6, err_msg=a.path)
+    assert noise == 8  # in G and in its EMA copy
     with pytest.raises(ValueError, match="d_steps"):
         tiny(d_steps=0)
 
