@@ -42,23 +42,12 @@ import sys
 import time
 
 import numpy as np
+from machine import describe, facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCAN_SHAPE = (72, 96, 96)  # [D, H, W]
 SCAN_SPACING = (4.0, 3.6, 3.6)  # mm, D/H/W
 TARGETS = {"max_w1": 0.3, "diversity_tol": 0.25, "min_lung_r2": 0.9}
-
-
-def cpu_flags() -> dict:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-            f.seek(0)
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        flags, model = [], None
-    return {"model": model or platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            **{k: k in flags for k in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")}}
 
 
 def clean(x):
@@ -278,6 +267,8 @@ def print_table(res: dict, checks: list[dict]) -> None:
     print(f"\nfidelity of {res['name']} at step {res['step']} ({res['size']}^3, "
           f"{res['n_generated']} samples vs {res['n_real']} real scans; "
           f"training {res['train_seconds'] if res['train_seconds'] is not None else 'n/a'} s)")
+    if res.get("cpu"):
+        print(f"on {describe(res['cpu'])}")
     print(f"{'factor':<11}{'real mean':>11}{'real sd':>10}{'gen mean':>11}{'gen sd':>10}"
           f"{'W1/sd':>8}{'floor':>8}{'ridge R2':>10}{'untrained':>10}")
     nan = float("nan")
@@ -403,7 +394,7 @@ def main(argv=None) -> int:
                data=os.path.abspath(data), scans=args.scans, scan_shape=list(SCAN_SHAPE),
                scan_spacing_mm=list(SCAN_SPACING), train_seconds=train_seconds, train_rc=train_rc,
                steps_requested=args.steps, overrides=args.set, seconds=stages.times,
-               command=command, cpu=cpu_flags(),
+               command=command, cpu=facts(),
                gpus=[d.name for d in tf.config.list_physical_devices("GPU")],
                versions={"tensorflow": tf.__version__, "keras": keras.__version__,
                          "python": platform.python_version()},

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import tempfile
 import time
 
 import numpy as np
+from machine import facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 GPU_ITERATION_S = {128: 0.0442, 256: 0.1297}  # H100, batch 2 (RESULTS.md, fifth session)
 
@@ -107,8 +107,7 @@ def main(argv=None) -> int:
               f"{r['first_batch_s']:.2f} | {r['peak_rss_mb']:.0f} | {need} |")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                               "cpus": os.cpu_count()},
+        json.dump({"machine": facts(),
                    "dtype": args.dtype, "records": args.records, "shards": args.shards, "batch_size": 2,
                    "timed_batches": args.batches, "rows": rows}, f, indent=1)
     print(f"wrote {args.json}", file=sys.stderr)

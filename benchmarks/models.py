@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+from machine import describe, facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -133,14 +133,14 @@ def main(argv=None):
                 row[op] = json.loads(out.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"done {size}", file=sys.stderr)
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d"), "command": "python benchmarks/models.py " +
+    meta = {"machine": facts(), "command": "python benchmarks/models.py " +
             " ".join(argv or sys.argv[1:]), "loadavg_start": load_start,
             "loadavg_end": os.getloadavg()}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
     ops = ("generate", "stream", "encode")
+    print(describe(meta["machine"]))
     print("| S | G^A | G^L | G^H | D^H | D^L | E^H | E^G | all | model MB | "
           + " | ".join(f"{op} s | {op} peak MB" for op in ops) + " |")
     print("|---" * (11 + 2 * len(ops)) + "|")

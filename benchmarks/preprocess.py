@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from hagan_tf.data.synthetic import phantom_hu
 from hagan_tf.preprocess import preprocess_file
 from hagan_tf.preprocess.beam import main as preprocess_main
+from machine import describe, facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 SPACING = (0.7, 0.7, 1.25)  # x, y, z in mm: a typical chest CT
 
@@ -169,19 +169,16 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "preprocess", "volumes": args.volumes,
         "scan": f"512x512x({depths.min()}..{depths.max()}) int16 .nii.gz",
-        "machine": {"cpus": os.cpu_count(),
-                    "load_avg_1m_before_after": [round(x, 2) for x in load + [os.getloadavg()[0]]],
-                    "python": platform.python_version(), "platform": platform.platform()},
-        "cpu_flags": "AVX-512 F/BW/VNNI/BF16 (oneDNN kernels in TensorFlow; the transform "
-                     "itself is NumPy/SciPy)",
+        "machine": facts(),
+        "load_avg_1m_before_after": [round(x, 2) for x in load + [os.getloadavg()[0]]],
         "gzip_decode_seconds_all_scans": gzip_s, "worker_startup_seconds": startup,
         "repeats": args.repeats, "rows": rows, "runs": runs,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\n{args.volumes} scans of {result['scan']}, {os.cpu_count()} CPUs, load average "
-          f"{result['machine']['load_avg_1m_before_after']} (before, after)\n")
+    print(f"\n{args.volumes} scans of {result['scan']} on {describe(result['machine'])}, load "
+          f"average {result['load_avg_1m_before_after']} (before, after)\n")
     print(f"Mean of {args.repeats} interleaved runs (best in brackets); CPU s = user + system "
           "of this process and its workers:\n")
     print("| S | mode | workers | seconds | volumes/s | vs serial | CPU s |\n"

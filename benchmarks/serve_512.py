@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+from machine import facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,8 +70,7 @@ def main(argv=None) -> int:
     row["shape"] = list(served.shape)
     row["max_abs_diff"] = float(np.abs(served - local).max())
     row["std"] = float(local.std())
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d"),
+    meta = {"machine": facts(),
             "command": "python benchmarks/serve_512.py " + " ".join(argv or sys.argv[1:])}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

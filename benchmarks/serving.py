@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from machine import facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(os.path.dirname(HERE), "hagan_tf", "configs")
@@ -138,8 +138,7 @@ def main(argv=None):
     result = {"benchmark": "serving", "protocol": f"{'/'.join(args.protocols)}, loopback, "
                                                   "batch 1 per request",
               "server": "hagan-serve defaults (--max-concurrent 4)",
-              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                          "device": "CPU"},
+              "machine": {**facts(), "device": "CPU"},
               "date": time.strftime("%Y-%m-%d"), "rows": rows}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
+
+from machine import facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -81,8 +82,7 @@ def main(argv=None) -> int:
                   f"{r['peak_rss_mb']:.0f} |")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(),
-                   "cpus": os.cpu_count(), "width": args.width, "rows": rows}, f, indent=2)
+        json.dump({"machine": facts(), "width": args.width, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
     return 0
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 
 import numpy as np
+from machine import facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 _WORKER = """
 import json, sys, time
@@ -70,8 +69,7 @@ def main(argv=None) -> int:
         print(f"| {r['worker']} | {r['calls']} | {r['median_ms']} | {r['p99_ms']} |")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                   "date": time.strftime("%Y-%m-%d"), "workers": args.workers, "rows": rows}, f,
+        json.dump({"machine": facts(), "workers": args.workers, "rows": rows}, f,
                   indent=2)
     print(f"wrote {args.out}")
     return 0

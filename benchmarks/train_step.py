@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
+from machine import facts  # noqa: E402  (benchmarks/ is sys.path[0])
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -214,8 +214,7 @@ def main(argv=None):
     tag = (("" if args.policy == "float32" else "-" + args.policy) + ("-xla" if args.jit else "")
            + ("-records" if args.data else ""))
     out = args.out or os.path.join(HERE, "results", f"train_step{tag}.json")
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "date": time.strftime("%Y-%m-%d"),
+    meta = {"machine": facts(),
             "command": "python benchmarks/train_step.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
