@@ -22,6 +22,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from machine import describe, facts  # noqa: E402
 from serving import CONFIGS, _inputs, measure  # noqa: E402
 
 
@@ -47,6 +48,8 @@ def main(argv=None):
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8])
     p.add_argument("--out", default=os.path.join(HERE, "results", "serving_ab.json"))
     args = p.parse_args(argv)
+    machine = facts()
+    print(describe(machine), flush=True)
 
     import numpy as np
 
@@ -90,7 +93,7 @@ def main(argv=None):
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"a": args.a, "b": args.b, "size": args.size, "rounds": args.rounds,
-                   "requests": requests, "rows": rows}, f, indent=2)
+                   "requests": requests, "machine": machine, "rows": rows}, f, indent=2)
     return 0
 
 
