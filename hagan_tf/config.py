@@ -9,9 +9,8 @@ from typing import Any
 import yaml
 
 
-# G's image outputs: the paper's tanh, the same values with two other gradients, and a tanh
-# with headroom beyond [-1, 1] (lean_ops.image_output)
-G_OUTPUTS = ("tanh", "tanh_st", "tanh_inward", "tanh_wide")
+# G's image outputs: the paper's tanh, and the same values with two other gradients (layers.py)
+G_OUTPUTS = ("tanh", "tanh_st", "tanh_inward")
 
 
 @dataclasses.dataclass
@@ -53,15 +52,11 @@ class HAGANConfig:
     # input through each window, stretched to [-1, 1], as one more channel each ("-1,-0.6" =
     # -1024..-699 HU under hagan-preprocess's default window: lung against air 5x magnified;
     # "": off)
-    d_histogram: int = 0  # D^H and D^L also see their input's intensity histogram over this many
-    # levels in [-1, 1], one constant channel a level (layers.IntensityHistogram; 0: off)
     minibatch_std: bool = False  # D^H and D^L also see the batch's feature spread (ProGAN)
     g_output: str = "tanh"  # G's image outputs: "tanh" (the paper) or "tanh_st", the same values
     # with the gradient passed straight through in training: a saturated tanh passes none, and
     # small Gs push air and lungs to -1 early, where they stay (see lambda_hist); "tanh_inward"
-    # gives a step back toward 0 at least tanh's slope at air's level (layers.tanh_inward);
-    # "tanh_wide": 1.1 tanh inside the model, clipped to [-1, 1] when sampled, so air (-0.97)
-    # sits where tanh still has a slope of 0.22 and an overshoot is a value D can see
+    # gives a step back toward 0 at least tanh's slope at air's level (layers.tanh_inward)
     diversity_every: int = 500  # steps between collapse checks (TensorBoard diversity/*; 0: off)
     collapse_threshold: float = 0.5  # warn when sample diversity / real diversity falls below
     checkpoint_every: int = 1000
@@ -100,8 +95,6 @@ class HAGANConfig:
             raise ValueError(f"downsample must be 'nearest' or 'area', got {self.downsample!r}")
         if self.g_norm_groups not in (1, 2, 4, 8):  # channel counts are multiples of 8
             raise ValueError(f"g_norm_groups must be 1, 2, 4 or 8, got {self.g_norm_groups}")
-        if self.d_histogram and self.d_histogram < 3:
-            raise ValueError(f"d_histogram must be 0 (off) or at least 3 levels, got {self.d_histogram}")
         if self.g_output not in G_OUTPUTS:
             raise ValueError(f"g_output must be one of {G_OUTPUTS}, got {self.g_output!r}")
         if self.loss not in ("bce", "hinge"):

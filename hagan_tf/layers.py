@@ -24,8 +24,7 @@ from ._compat import kernel_variable
 from .config import G_OUTPUTS as TANH_POSTS
 from .conv_rewrites import conv3d
 from .dtypes import upcast
-from .lean_ops import (INWARD_SLOPE, WIDE_OUTPUT, divide, group_norm_op, image_output,  # noqa: F401
-                       leaky_relu, tanh_inward)
+from .lean_ops import divide, group_norm_op, leaky_relu
 
 SERIAL_PACKAGE = "hagan_tf"
 GN_EPSILON = 1e-5
@@ -175,6 +174,28 @@ class GroupNorm(layers.GroupNormalization):
         return group_norm_op(inputs, upcast(self.gamma), upcast(self.beta), self.groups, self.epsilon)
 
 
+INWARD_SLOPE = 0.06  # tanh's slope at -0.97, the darkest real voxel (air, -1000 HU)
+
+
+@tf.custom_gradient
+def tanh_inward(x):
+    """tanh whose gradient does not vanish in the direction that leaves saturation.
+
+    A descent step that would move an output toward 0 gets at least INWARD_SLOPE (tanh's own
+    is ~0.002 at the -3.9 where small Gs park air and lungs); one that would push it further
+    out gets tanh's own. So a voxel that D drove to -1 early can come back, nothing runs away
+    outward, and voxels within the data's range train exactly as under tanh (a slope of 1
+    inward, tried first, biased every voxel toward grey: RESULTS.md)."""
+    y = tf.tanh(x)
+
+    def grad(g):
+        slope = 1.0 - y * y
+        inward = g * tf.sign(x) > 0  # descent moves y by -g: toward 0 when sign(g) == sign(y)
+        return g * tf.where(inward, tf.maximum(slope, INWARD_SLOPE), slope)
+
+    return y, grad
+
+
 def group_norm(name=None, groups=GN_GROUPS):
     return GroupNorm(groups=groups, epsilon=GN_EPSILON, name=name)
 
@@ -215,8 +236,12 @@ class ConvBlock(layers.Layer):
             x = self.conv(x)
         if self.post == "gn_relu":
             return ops.relu(self.norm(x))
+        if self.post == "tanh_st" and training:
+            return x + ops.stop_gradient(ops.tanh(x) - x)
+        if self.post == "tanh_inward" and training:
+            return tanh_inward(x)
         if self.post in TANH_POSTS:
-            return image_output(x, self.post, training)
+            return ops.tanh(x)
         return x
 
     def get_config(self):
@@ -262,35 +287,6 @@ class IntensityWindow(layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "low": self.low, "high": self.high}
-
-
-@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
-class IntensityHistogram(layers.Layer):
-    """Appends `bins` channels, each constant over the volume: how much of the sample (channel
-    0) sits near each of `bins` levels evenly spaced over [-1, 1] (triangular kernels one
-    spacing wide; times `bins`, so a flat histogram reads 1). D's convolutions answer to edges
-    far more than to the level of a flat region, so D alone hardly tells lungs at air's level
-    from lungs at -860 HU; with these channels the per-sample level distribution is an input,
-    and each voxel of G's output gets a gradient through its own bin (config.d_histogram)."""
-
-    def __init__(self, bins, **kwargs):
-        super().__init__(**kwargs)
-        self.bins = int(bins)
-
-    def call(self, x):
-        v = upcast(x[..., :1])
-        centers = tf.linspace(-1.0, 1.0, self.bins)
-        width = 2.0 / (self.bins - 1)
-        weight = tf.nn.relu(1.0 - tf.abs(v - centers) / width)  # [B, D, H, W, bins]
-        hist = tf.reduce_mean(weight, axis=[1, 2, 3], keepdims=True) * float(self.bins)
-        hist = tf.cast(hist, x.dtype) * tf.ones_like(x[..., :1])
-        return tf.concat([x, hist], axis=-1)
-
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape[:-1]) + (input_shape[-1] + self.bins,)
-
-    def get_config(self):
-        return {**super().get_config(), "bins": self.bins}
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)

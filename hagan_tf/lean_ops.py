@@ -3,8 +3,7 @@
 Autodiff of these ops would compute parts of the backward pass early, or keep extra
 activation-sized tensors, for every layer until the backward pass reaches it. Each function
 here computes the same values as the plain TF ops (the tests compare values and gradients).
-The CPU-only convolution rewrites are in `conv_rewrites`. G's image outputs (the paper's tanh
-and its variants, config.G_OUTPUTS) are here too, below both the layers and the tiled decoder.
+The CPU-only convolution rewrites are in `conv_rewrites`.
 """
 
 from __future__ import annotations
@@ -171,49 +170,3 @@ def group_norm_op(x, gamma, beta, groups, epsilon):
         return tf.cast(y, x.dtype), grad
 
     return norm(x, gamma, beta)
-
-
-# -- G's image outputs (config.G_OUTPUTS) ---------------------------------------------------------
-
-INWARD_SLOPE = 0.06  # tanh's slope at -0.97, the darkest real voxel (air, -1000 HU)
-
-
-@tf.custom_gradient
-def tanh_inward(x):
-    """tanh whose gradient does not vanish in the direction that leaves saturation.
-
-    A descent step that would move an output toward 0 gets at least INWARD_SLOPE (tanh's own
-    is ~0.002 at the -3.9 where small Gs park air and lungs); one that would push it further
-    out gets tanh's own. So a voxel that D drove to -1 early can come back, nothing runs away
-    outward, and voxels within the data's range train exactly as under tanh (a slope of 1
-    inward, tried first, biased every voxel toward grey: RESULTS.md)."""
-    y = tf.tanh(x)
-
-    def grad(g):
-        slope = 1.0 - y * y
-        inward = g * tf.sign(x) > 0  # descent moves y by -g: toward 0 when sign(g) == sign(y)
-        return g * tf.where(inward, tf.maximum(slope, INWARD_SLOPE), slope)
-
-    return y, grad
-
-
-WIDE_OUTPUT = 1.1  # "tanh_wide": the real range [-0.97, 1] then needs pre-activations of |x| <= 1.5
-
-
-def image_output(x, post: str, training: bool = False, sampling: bool = False):
-    """G's image output for config.g_output `post` (config.G_OUTPUTS). "tanh_wide" reaches
-    +-WIDE_OUTPUT inside the model (D sees an overshoot in both its and G's update) and is
-    clipped to [-1, 1] only where a volume leaves it (`sampling`: Generator.volume/preview)."""
-    if post == "tanh_st" and training:
-        return x + tf.stop_gradient(tf.tanh(x) - x)
-    if post == "tanh_inward" and training:
-        return tanh_inward(x)
-    if post == "tanh_wide":
-        y = WIDE_OUTPUT * tf.tanh(x)
-        return tf.clip_by_value(y, -1.0, 1.0) if sampling else y
-    return tf.tanh(x)
-
-
-def sampled(volume, post: str):
-    """A volume leaving G for the caller: in [-1, 1] whatever config.g_output `post`."""
-    return tf.clip_by_value(volume, -1.0, 1.0) if post == "tanh_wide" else volume

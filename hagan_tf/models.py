@@ -22,9 +22,9 @@ from keras import layers, ops
 
 from .config import HAGANConfig, parse_windows
 from .dtypes import at_least_float32
-from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, IntensityHistogram, IntensityWindow,
-                     MinibatchStd, SNConvLeaky, SNDense)
-from .lean_ops import depth_slab, leaky_relu, sampled
+from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, IntensityWindow, MinibatchStd,
+                     SNConvLeaky, SNDense)
+from .lean_ops import depth_slab, leaky_relu
 
 # G^A's convolutions after the 4^3 reshape; blocks 2..1+log2(S/16) follow an upsample (all at 512).
 COMMON_CHANNELS = (512, 512, 256, 128, 64)
@@ -64,12 +64,9 @@ def _minibatch_std(cfg: HAGANConfig) -> list:
 
 
 def _window(cfg: HAGANConfig) -> list:
-    """The layers D^H and D^L put first: a channel per window of config.d_window, then
-    config.d_histogram channels of the input's intensity histogram."""
-    windows = [IntensityWindow(low, high, name="window" if i == 0 else f"window_{i}")
-               for i, (low, high) in enumerate(parse_windows(cfg.d_window))]
-    return windows + ([IntensityHistogram(cfg.d_histogram, name="histogram")]
-                      if cfg.d_histogram else [])
+    """The layers D^H and D^L put first when config.d_window is set: a channel per window."""
+    return [IntensityWindow(low, high, name="window" if i == 0 else f"window_{i}")
+            for i, (low, high) in enumerate(parse_windows(cfg.d_window))]
 
 
 def _log2(x: int) -> int:
@@ -182,7 +179,7 @@ class Generator(_Network):
         if out is not None and not tf.executing_eagerly():
             raise ValueError("a traced volume() returns its output: out must be None")
         if depth <= 0 or depth >= self.config.size:
-            whole = sampled(self(z, labels=labels), self.config.g_output)
+            whole = self(z, labels=labels)
             if not tf.executing_eagerly():
                 return whole
             if out is None:
@@ -200,7 +197,7 @@ class Generator(_Network):
 
     def preview(self, z, labels=None):
         """X^L = G^L(G^A(z)), the fast low-resolution volume."""
-        return sampled(self.low_res_head(self.features(z, labels)), self.config.g_output)
+        return self.low_res_head(self.features(z, labels))
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)

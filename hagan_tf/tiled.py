@@ -31,7 +31,7 @@ import tensorflow as tf
 
 from .config import G_OUTPUTS as TANH_POSTS
 from .conv_rewrites import _PARITIES, interleave_parities, parity_kernels
-from .lean_ops import channel_sums, image_output
+from .lean_ops import channel_sums
 
 # Output voxels per step of the default ('auto') slab: 32 slices of 256^2 (see
 # benchmarks/RESULTS.md, "Beyond 256^3").
@@ -138,7 +138,7 @@ class Chain:
             y = y + offset
             return tf.nn.relu(y)
         if block.post in TANH_POSTS:
-            return image_output(y, block.post, sampling=True)
+            return tf.tanh(y)
         return y
 
     def parity_kernels(self, i: int):

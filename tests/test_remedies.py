@@ -256,37 +256,6 @@ def test_d_window_adds_the_stretched_dark_range_as_a_second_channel():
             tiny(d_window=bad)
 
 
-def test_d_histogram_adds_the_samples_intensity_histogram_as_channels():
-    """d_histogram K: D^H and D^L also see, as K constant channels, how much of each sample sits
-    near each of K levels over [-1, 1] (triangular kernels, times K); a voxel's gradient goes
-    through its bins, so a level shift of flat tissue is what D sees and G can answer."""
-    from hagan_tf.layers import IntensityHistogram
-
-    layer = IntensityHistogram(5)  # levels -1, -0.5, 0, 0.5, 1
-    x = tf.constant([-1.0, -1.0, -0.75, 0.5])[None, :, None, None, None]  # [1, 4, 1, 1, 1]
-    out = layer(x).numpy()[0, :, 0, 0]  # [4 voxels, 1 + 5 channels]
-    np.testing.assert_allclose(out[:, 0], x.numpy().ravel())
-    # weights per voxel: -1 -> bin 0; -0.75 -> half bin 0, half bin 1; 0.5 -> bin 3
-    expected = np.array([2.5, 0.5, 0.0, 1.0, 0.0]) / 4 * 5
-    for row in out:
-        np.testing.assert_allclose(row[1:], expected, atol=1e-6)
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        level_1 = tf.reduce_sum(layer(x)[0, 0, 0, 0, 2])  # bin 1 (-0.5), read at one voxel
-    grad = tape.gradient(level_1, x).numpy().ravel()
-    assert grad[2] > 0 and grad[0] == grad[1] == grad[3] == 0  # only -0.75 is near -0.5
-    gan = HAGAN(tiny(d_histogram=5, d_window="-1,-0.6"))
-    for net in (gan.discriminator.high_res, gan.discriminator.low_res):
-        first = [l for l in net.convs.layers if hasattr(l, "conv")][0]
-        assert first.conv.kernel.shape[-2] == 1 + 1 + 5  # the volume, its window, 5 levels
-    gan.compile()
-    logs = gan.train_on_batch({"volume": _batch()}, return_dict=True)
-    assert all(np.isfinite(v) for v in logs.values())
-    for bad in (1, 2, -3):
-        with pytest.raises(ValueError, match="d_histogram"):
-            tiny(d_histogram=bad)
-
-
 # -- collapse detection ---------------------------------------------------------------------
 
 class _Stub(keras.Model):
