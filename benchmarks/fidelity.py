@@ -312,6 +312,75 @@ def print_table(res: dict, checks: list[dict]) -> None:
     print(f"  {n_pass}/{len(checks)} targets met")
 
 
+SEED_FIGURES = {  # label -> path in a result dict, for --seeds
+    **{f"{k} W1/sd": ("factors", k, "w1_over_sd") for k in ("body", "lung", "bone", "emphysema")},
+    "L1 div. ratio": ("diversity", "ratio", "l1"),
+    "1-MS-SSIM ratio": ("diversity", "ratio", "ms_ssim_dissimilarity"),
+    "R^2 lung": ("ridge_r2", "lung"),
+    "HU W1": ("intensity", "w1_hu"),
+    "FID": ("features", "fid"),
+    "train s": ("train_seconds",),
+}
+
+
+def run_seeds(args, argv: list[str], p) -> int:
+    """--seeds: one run per training seed, then the spread of each figure across them."""
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"--seeds must be integers separated by ',', got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds) or args.run:
+        p.error("--seeds needs distinct seeds and a training run (not --run)")
+    if any(item.split("=", 1)[0].strip() == "seed" for item in args.set):
+        p.error("--seeds sets the training seed itself: drop --set seed=...")
+    rest, drop_next = [], False  # argv less --seeds and --results, which each run sets
+    for a in argv:
+        if not drop_next and a not in ("--seeds", "--results") and not a.startswith(
+                ("--seeds=", "--results=")):
+            rest.append(a)
+        drop_next = a in ("--seeds", "--results")
+    name = os.path.splitext(os.path.basename(args.preset))[0]
+    runs = []
+    for seed in seeds:
+        out = os.path.join(args.results, f"seed-{seed}")
+        print(f"\n=== training seed {seed} -> {out}", flush=True)
+        rc = main(rest + ["--set", f"seed={seed}", "--results", out])
+        path = os.path.join(out, f"fidelity-{name}.json")
+        if rc != 0 or not os.path.exists(path):
+            print(f"fidelity: seed {seed} failed (exit {rc}); its figures are left out", file=sys.stderr)
+            continue
+        runs.append((seed, _read_json(path)))
+    if not runs:
+        return 1
+    summary = {"preset": args.preset, "overrides": args.set, "seeds": [s for s, _ in runs],
+               "figures": {}, "targets_met": {}}
+    print(f"\n{name} over training seeds {summary['seeds']} ({' '.join(args.set) or 'no overrides'})")
+    print(f"{'figure':<18}{'mean':>9}{'min':>9}{'max':>9}   per seed")
+    for label, keys in SEED_FIGURES.items():
+        vals = []
+        for _, res in runs:
+            v = res
+            for k in keys:
+                v = v.get(k) if isinstance(v, dict) else None
+            vals.append(v)
+        got = [v for v in vals if isinstance(v, (int, float))]
+        if not got:
+            continue
+        summary["figures"][label] = {"mean": float(np.mean(got)), "min": min(got), "max": max(got),
+                                     "values": vals}
+        print(f"{label:<18}{np.mean(got):>9.3f}{min(got):>9.3f}{max(got):>9.3f}   "
+              + " ".join("n/a" if v is None else f"{v:.3g}" for v in vals))
+    for seed, res in runs:
+        summary["targets_met"][str(seed)] = sum(c["pass"] for c in res["targets"])
+    print("targets met per seed: " + ", ".join(f"seed {k}: {v}/{len(runs[0][1]['targets'])}"
+                                              for k, v in summary["targets_met"].items()))
+    path = os.path.join(args.results, f"fidelity-{name}-seeds.json")
+    with open(path, "w") as f:
+        json.dump(clean(summary), f, indent=2)
+    print(f"wrote {path}")
+    return 0 if len(runs) == len(seeds) else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", required=True, help="preset name (tiny_32, ...) or YAML path")
@@ -331,7 +400,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4, help="batch of generate/encode/features")
     p.add_argument("--results", default=os.path.join(HERE, "results"),
                    help="where fidelity-<preset>.json/.png go (default benchmarks/results)")
+    p.add_argument("--seeds", help="train once per training seed ('0,1,2': --set seed=S each, the "
+                   "same phantoms), each into <results>/seed-S/, then print each figure's mean, "
+                   "min and max: one run's row moves with the seed more than with most switches")
     args = p.parse_args(argv)
+    if args.seeds:
+        return run_seeds(args, sys.argv[1:] if argv is None else list(argv), p)
     if args.scans < 8 or args.samples < 2:
         p.error("--scans must be >= 8 and --samples >= 2")
     command = "python benchmarks/fidelity.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -52,6 +52,12 @@ class HAGANConfig:
     # input through each window, stretched to [-1, 1], as one more channel each ("-1,-0.6" =
     # -1024..-699 HU under hagan-preprocess's default window: lung against air 5x magnified;
     # "": off)
+    intensity_map: str = ""  # "X,Y;X,Y;..." knots of a monotone piecewise-linear map f of volume
+    # units that G works in: its tanh output goes through f^-1 (f scaled to f(+-1) = +-1). With
+    # "-1,-1;-0.6,0;1,1" the dark range -1024..-699 HU (air, lung) fills half of tanh's range,
+    # so lung is mid-grey, not next to air at tanh's saturated end ("": off, the paper)
+    intensity_map_d: bool = False  # D^H and D^L also see f(volume), f unscaled: lung levels
+    # further apart for D (an f wider than [-1, 1] makes D more sensitive under spectral norm)
     minibatch_std: bool = False  # D^H and D^L also see the batch's feature spread (ProGAN)
     g_output: str = "tanh"  # G's image outputs: "tanh" (the paper) or "tanh_st", the same values
     # with the gradient passed straight through in training: a saturated tanh passes none, and
@@ -109,6 +115,11 @@ class HAGANConfig:
             raise ValueError("r1_gamma, lambda_recon, lambda_ms, lambda_hist, diversity_every and "
                              "collapse_threshold must be >= 0")
         parse_windows(self.d_window)
+        if not parse_knots(self.intensity_map) and self.intensity_map_d:
+            raise ValueError("intensity_map_d needs intensity_map's knots")
+        if self.intensity_map_d and parse_windows(self.d_window):
+            # d_window's bounds are volume units; behind f they would read f(volume)
+            raise ValueError("intensity_map_d and d_window are not combined: set one of them")
         from .diffaugment import parse_ops
 
         parse_ops(self.augment)
@@ -196,6 +207,38 @@ def _open(path, mode: str):
     import tensorflow as tf
 
     return tf.io.gfile.GFile(str(path), mode)
+
+
+def parse_knots(text: str) -> list[tuple[float, float]]:
+    """config.intensity_map "X,Y;X,Y[;...]" -> [(x, y), ...], x and y strictly increasing."""
+    if not text.strip():
+        return []
+    try:
+        knots = [tuple(float(v) for v in part.split(",")) for part in text.split(";")]
+        ok = all(len(k) == 2 and all(math.isfinite(v) for v in k) for k in knots)
+    except ValueError:
+        ok = False
+    if ok:
+        ok = len(knots) >= 2 and all(a[0] < b[0] and a[1] < b[1] for a, b in zip(knots, knots[1:]))
+    if not ok:
+        raise ValueError(f"intensity_map must be two or more 'X,Y' knots separated by ';', X and Y "
+                         f"strictly increasing, got {text!r}")
+    return knots
+
+
+def g_knots(knots: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """G's f: the knots with y scaled so that f(-1) = -1 and f(1) = 1, tanh's range covering
+    the volume's whatever D's f (config.intensity_map_d) spans."""
+    if not knots:
+        return []
+
+    def f(x):
+        (x0, y0), (x1, y1) = next(((a, b) for a, b in zip(knots, knots[1:]) if x <= b[0]),
+                                  knots[-2:])
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+    lo, hi = f(-1.0), f(1.0)
+    return [(x, 2 * (y - lo) / (hi - lo) - 1) for x, y in knots]
 
 
 def parse_windows(text: str) -> list[tuple[float, float]]:

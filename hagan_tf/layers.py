@@ -201,6 +201,37 @@ def group_norm(name=None, groups=GN_GROUPS):
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)
+class IntensityMap(layers.Layer):
+    """A monotone piecewise-linear map through `knots` [(x, y), ...], extended linearly past
+    the ends, or its inverse: config.intensity_map's f (D's input) and f^-1 (G's output).
+    Written as a sum of ReLUs, so f(f^-1(y)) == y up to rounding and the gradient is the
+    segment's slope."""
+
+    def __init__(self, knots, inverse=False, **kwargs):
+        super().__init__(**kwargs)
+        self.knots = [tuple(float(v) for v in k) for k in knots]
+        self.inverse = bool(inverse)
+        xs, ys = zip(*self.knots)
+        if self.inverse:
+            xs, ys = ys, xs
+        slopes = [(y1 - y0) / (x1 - x0) for x0, x1, y0, y1 in zip(xs, xs[1:], ys, ys[1:])]
+        self._x0, self._y0, self._s0 = xs[0], ys[0], slopes[0]
+        self._hinges = [(x, s1 - s0) for x, s0, s1 in zip(xs[1:-1], slopes, slopes[1:])]
+
+    def call(self, x):
+        y = self._y0 + self._s0 * (x - self._x0)
+        for at, change in self._hinges:
+            y = y + change * ops.relu(x - at)
+        return ops.cast(y, x.dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "knots": self.knots, "inverse": self.inverse}
+
+
+@keras.saving.register_keras_serializable(SERIAL_PACKAGE)
 class ConvBlock(layers.Layer):
     """[nearest upsample x2] -> Conv3D -> [GroupNorm(8) -> ReLU | tanh | nothing].
 
@@ -208,14 +239,17 @@ class ConvBlock(layers.Layer):
     convolution: "gn_relu" (hidden layers), "tanh" (image outputs; "tanh_st": the same values,
     but in training the gradient passes straight through, so a saturated voxel still learns;
     "tanh_inward": straight through only toward 0, see `tanh_inward`) or "none" (E^G's last
-    conv).
+    conv). `output_map`: the knots of config.intensity_map, whose f^-1 an image output's tanh
+    goes through.
     """
 
     def __init__(self, filters, kernel_size=3, strides=1, padding="same", upsample=False,
-                 post="gn_relu", groups=GN_GROUPS, **kwargs):
+                 post="gn_relu", groups=GN_GROUPS, output_map=None, **kwargs):
         super().__init__(**kwargs)
         self.filters, self.kernel_size, self.strides = filters, kernel_size, strides
         self.padding, self.upsample, self.post, self.groups = padding, upsample, post, groups
+        self.output_map = [tuple(k) for k in output_map] if output_map else None
+        self.out_map = IntensityMap(self.output_map, inverse=True) if self.output_map else None
         if upsample and (kernel_size != 3 or strides != 1 or padding != "same"):
             raise ValueError("upsampling blocks are 3^3, stride 1, 'same' convolutions")
         self.conv = Conv3D(filters, kernel_size, strides=strides, padding=padding, name="conv")
@@ -237,17 +271,21 @@ class ConvBlock(layers.Layer):
         if self.post == "gn_relu":
             return ops.relu(self.norm(x))
         if self.post == "tanh_st" and training:
-            return x + ops.stop_gradient(ops.tanh(x) - x)
-        if self.post == "tanh_inward" and training:
-            return tanh_inward(x)
-        if self.post in TANH_POSTS:
-            return ops.tanh(x)
-        return x
+            x = x + ops.stop_gradient(ops.tanh(x) - x)
+        elif self.post == "tanh_inward" and training:
+            x = tanh_inward(x)
+        elif self.post in TANH_POSTS:
+            x = ops.tanh(x)
+        return self.unmap(x)
+
+    def unmap(self, y):
+        """An image output's f^-1 (config.intensity_map): tanh's range -> volume units."""
+        return y if self.out_map is None or self.post not in TANH_POSTS else self.out_map(y)
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
                 "strides": self.strides, "padding": self.padding, "upsample": self.upsample,
-                "post": self.post, "groups": self.groups}
+                "post": self.post, "groups": self.groups, "output_map": self.output_map}
 
 
 @keras.saving.register_keras_serializable(SERIAL_PACKAGE)

@@ -20,9 +20,9 @@ import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
-from .config import HAGANConfig, parse_windows
+from .config import HAGANConfig, g_knots, parse_knots, parse_windows
 from .dtypes import at_least_float32
-from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, IntensityWindow, MinibatchStd,
+from .layers import (SERIAL_PACKAGE, BlockDense, ConvBlock, IntensityMap, IntensityWindow, MinibatchStd,
                      SNConvLeaky, SNDense)
 from .lean_ops import depth_slab, leaky_relu
 
@@ -64,9 +64,16 @@ def _minibatch_std(cfg: HAGANConfig) -> list:
 
 
 def _window(cfg: HAGANConfig) -> list:
-    """The layers D^H and D^L put first when config.d_window is set: a channel per window."""
-    return [IntensityWindow(low, high, name="window" if i == 0 else f"window_{i}")
+    """The layers D^H and D^L put first: config.intensity_map's f (with intensity_map_d), then
+    a channel per window of config.d_window."""
+    return _intensity_map(cfg) + [IntensityWindow(low, high, name="window" if i == 0 else f"window_{i}")
             for i, (low, high) in enumerate(parse_windows(cfg.d_window))]
+
+
+def _intensity_map(cfg: HAGANConfig) -> list:
+    """config.intensity_map's f, D's first layer with intensity_map_d (G's f^-1: ConvBlock)."""
+    knots = parse_knots(cfg.intensity_map) if cfg.intensity_map_d else []
+    return [IntensityMap(knots, name="intensity_map")] if knots else []
 
 
 def _log2(x: int) -> int:
@@ -120,15 +127,16 @@ class Generator(_Network):
             name="common")
         a_ch = ch(COMMON_CHANNELS[-1])
         self.feature_channels = a_ch
+        out_map = g_knots(parse_knots(cfg.intensity_map))  # f^-1 after the tanh
         self.low_res_head = keras.Sequential(
             [keras.Input((None, None, None, a_ch)), ConvBlock(ch(32), groups=groups, name="block1"),
              ConvBlock(ch(16), groups=groups, name="block2"),
-             ConvBlock(1, post=cfg.g_output, name="block3")],
+             ConvBlock(1, post=cfg.g_output, output_map=out_map, name="block3")],
             name="low_res_head")
         self.high_res_head = keras.Sequential(
             [keras.Input((None, None, None, a_ch)),
              ConvBlock(ch(32), upsample=True, groups=groups, name="block1"),
-             ConvBlock(1, upsample=True, post=cfg.g_output, name="block2")],
+             ConvBlock(1, upsample=True, post=cfg.g_output, output_map=out_map, name="block2")],
             name="high_res_head")
         self.built = True
 

@@ -138,7 +138,7 @@ class Chain:
             y = y + offset
             return tf.nn.relu(y)
         if block.post in TANH_POSTS:
-            return tf.tanh(y)
+            return block.unmap(tf.tanh(y))
         return y
 
     def parity_kernels(self, i: int):

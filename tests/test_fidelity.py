@@ -175,3 +175,28 @@ def test_benchmark_cli_end_to_end(tmp_path):
     with open(out / "real_factors.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and "measured32_lung" in rows[0] and "lung_scale" in rows[0]
+
+
+def test_benchmark_over_seeds_trains_each_and_reports_the_spread(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "fidelity.py"), "--preset", "tiny_32",
+           "--scans", "8", "--steps", "2", "--samples", "2", "--recon", "2", "--features", "none",
+           "--ms-ssim-pairs", "4", "--out", str(out), "--results", str(results), "--seeds", "3,5"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    runs = {}
+    for seed in (3, 5):
+        with open(results / f"seed-{seed}" / "fidelity-tiny_32.json") as f:
+            runs[seed] = json.load(f)
+        assert runs[seed]["config"]["seed"] == seed and runs[seed]["step"] == 2
+    with open(results / "fidelity-tiny_32-seeds.json") as f:
+        summary = json.load(f)
+    assert summary["seeds"] == [3, 5] and set(summary["targets_met"]) == {"3", "5"}
+    body = summary["figures"]["body W1/sd"]
+    assert body["values"] == [runs[3]["factors"]["body"]["w1_over_sd"],
+                              runs[5]["factors"]["body"]["w1_over_sd"]]
+    assert body["min"] <= body["mean"] <= body["max"] and "FID" not in summary["figures"]
+    assert "over training seeds [3, 5]" in res.stdout
+    bad = subprocess.run(cmd[:-1] + ["3,x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--seeds" in bad.stderr
